@@ -1,0 +1,1 @@
+"""Local agent: config, canonical models, local API, relay wiring, CLI and demo."""

@@ -1,0 +1,1 @@
+"""Device drivers: printers, cash drawers, scanners and scales, with emulators."""

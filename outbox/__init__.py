@@ -78,7 +78,11 @@ On-disk schema (``outbox.schema``, versioned by ``PRAGMA user_version``)
   change, so stats never scan the queue and never drift.
 
 Migrations run one transaction per version step; a newer schema than known is refused.
-``PRAGMA quick_check`` runs on every open of an existing database.
+``PRAGMA quick_check`` runs on every open of an existing database, on a separate read-only
+connection beside the writer (it reads the whole file: about 1 s per 700 MB, so waiting for
+it would break the "ready within a second with a million events queued" promise). Until it
+finishes ``integrity`` is ``"checking"``; if it finds damage the store refuses every further
+write with ``OutboxCorrupt`` and reports ``"corrupt"``, and an operator decides.
 
 Crypto envelope
 ---------------

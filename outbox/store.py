@@ -23,6 +23,21 @@ from outbox.crypto import (
     event_aad,
     load_key_file,
 )
+from outbox.db import (
+    IN_CHUNK,
+    Conn,
+    Durability,
+    connect,
+    fetchall,
+    fetchone,
+    fetchone_or_none,
+    migrate,
+    open_error,
+    quick_check,
+    release,
+    rollback,
+    stream_heads,
+)
 from outbox.errors import (
     DedupeConflict,
     KeyFileMissing,
@@ -32,7 +47,6 @@ from outbox.errors import (
     OutboxFull,
     OutboxUnavailable,
     RecordTampered,
-    SchemaTooNew,
 )
 from outbox.models import (
     Appended,
@@ -51,9 +65,7 @@ from outbox.models import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Durability = Literal["full", "normal"]
 Clock = Callable[[], float]
-Conn = aiosqlite.Connection
 
 ACTIVE = schema.ACTIVE
 PARKED = schema.PARKED
@@ -65,8 +77,6 @@ MAX_BATCH_OPS = 512
 PURGE_SLICE = 2000
 # A failed reopen is retried no more often than this.
 REOPEN_INTERVAL_S = 1.0
-# SQLite caps host parameters per statement; IN-lists are chunked below it.
-_IN_CHUNK = 500
 
 
 @dataclass(eq=False)
@@ -121,7 +131,7 @@ class Outbox:
         self._ops: asyncio.Queue[_Op] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
-        self._failure: OutboxUnavailable | None = None
+        self._failure: OutboxError | None = None
         self._last_reopen = 0.0
         self._next_id = 1
         self._live_bytes = 0
@@ -129,6 +139,8 @@ class Outbox:
         # Reclaim skips its scan while nothing was delivered since it last found nothing.
         self._reclaim_hopeless = False
         self._wakeups: dict[str, asyncio.Event] = {}
+        self._check_task: asyncio.Task[list[str]] | None = None
+        self.integrity: Literal["checking", "ok", "corrupt"] = "ok"
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -160,24 +172,54 @@ class Outbox:
         keyring = KeyRing(load_key_file(key_file), key_file)
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await _connect(path, durability, max_db_bytes)
+        try:
+            conn = await connect(path, durability, max_db_bytes)
+        except sqlite3.Error as err:
+            raise open_error(path, err) from err
         store = cls(path, keyring, conn, durability=durability, capacity_bytes=capacity_bytes,
                     max_db_bytes=max_db_bytes, clock=clock)
         try:
-            await store._prepare(conn, check=db_exists)
+            await store._prepare(conn)
+        except sqlite3.Error as err:
+            await conn.close()
+            raise open_error(path, err) from err
         except BaseException:
             await conn.close()
             raise
         store._writer = asyncio.create_task(store._write_loop(), name="outbox-writer")
+        if db_exists:
+            store.integrity = "checking"
+            store._check_task = asyncio.create_task(store._check_in_background(),
+                                                    name="outbox-quick-check")
         return store
 
-    async def _prepare(self, conn: Conn, *, check: bool) -> None:
-        if check:
-            problems = await _quick_check(conn)
-            if problems:
-                raise OutboxCorrupt(f"{self.path} failed quick_check: {problems[0]}")
-        await _migrate(conn, self.path)
-        rows = await _fetchall(conn, "SELECT key_id, wrapped, uses FROM data_keys")
+    async def _check_in_background(self) -> list[str]:
+        # quick_check reads the whole file (about 1 s per 700 MB here), so it runs beside
+        # the writer on a read-only connection instead of delaying readiness. A reader
+        # never writes or checkpoints, so this stays clear of the WAL-reset bug.
+        reader = await aiosqlite.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            problems = await quick_check(reader)
+        finally:
+            await reader.close()
+        if problems:
+            self.integrity = "corrupt"
+            self._failure = OutboxCorrupt(f"{self.path} failed quick_check: {problems[0]}")
+            log.error("outbox: %s failed quick_check (%s); refusing writes", self.path,
+                      problems[0])
+        else:
+            self.integrity = "ok"
+        return problems
+
+    async def verified(self) -> list[str]:
+        """Wait for the quick_check started at open; returns the problems it found."""
+        if self._check_task is None:
+            return []
+        return await asyncio.shield(self._check_task)
+
+    async def _prepare(self, conn: Conn) -> None:
+        await migrate(conn, self.path)
+        rows = await fetchall(conn, "SELECT key_id, wrapped, uses FROM data_keys")
         for key_id, wrapped, uses in rows:
             self._keyring.add_wrapped(key_id, wrapped)
             self._key_uses[key_id] = uses
@@ -191,11 +233,11 @@ class Outbox:
                 " ELSE 'pending' END WHERE state = 'in_flight'")
             await conn.execute("COMMIT")
         except BaseException:
-            await _rollback(conn)
+            await rollback(conn)
             raise
         if new_key is not None:
             self._activate_key(*new_key)
-        seq, live = await _fetchone(
+        seq, live = await fetchone(
             conn, "SELECT (SELECT seq FROM sqlite_sequence WHERE name = 'events'),"
                   " (SELECT bytes FROM totals)")
         self._next_id = (seq or 0) + 1
@@ -214,6 +256,9 @@ class Outbox:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
         self._closed = True
+        if self._check_task is not None and not self._check_task.done():
+            self._check_task.cancel()
+            await asyncio.gather(self._check_task, return_exceptions=True)
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -237,7 +282,7 @@ class Outbox:
         return self._closed
 
     def wakeup(self, sink: str) -> asyncio.Event:
-        """An event set whenever deliveries for ``sink`` may have become claimable."""
+        """Return the event set whenever deliveries for ``sink`` may have become claimable."""
         event = self._wakeups.get(sink)
         if event is None:
             event = self._wakeups[sink] = asyncio.Event()
@@ -295,7 +340,8 @@ class Outbox:
         A requeued delivery becomes its stream's head again if nothing older is owed, so
         it goes out before later events of that stream that are still pending.
         """
-        where, params = ["state IN " + PARKED, "state = 'dead'"], []
+        where: list[str] = ["state IN " + PARKED, "state = 'dead'"]
+        params: list[int | str] = []
         if event_id is not None:
             where.append("event_id = ?")
             params.append(event_id)
@@ -305,7 +351,7 @@ class Outbox:
 
         async def tx(conn: Conn) -> tuple[int, set[str]]:
             now = self._clock()
-            sinks = {r[0] for r in await _fetchall(
+            sinks = {r[0] for r in await fetchall(
                 conn, f"SELECT DISTINCT sink FROM deliveries WHERE {' AND '.join(where)}",
                 params)}
             cur = await conn.execute(
@@ -359,7 +405,7 @@ class Outbox:
     async def rotate_key(self) -> int:
         """Start sealing new records with a new data key; returns its id."""
         async def tx(conn: Conn) -> tuple[int, bytes]:
-            (top,) = await _fetchone(conn, "SELECT MAX(key_id) FROM data_keys")
+            (top,) = await fetchone(conn, "SELECT MAX(key_id) FROM data_keys")
             return await self._insert_data_key(conn, (top or 0) + 1)
 
         key_id, _ = await self._call(tx, after_commit=lambda r: self._activate_key(*r))
@@ -383,7 +429,7 @@ class Outbox:
 
     async def check(self) -> list[str]:
         """Run ``PRAGMA quick_check``; returns the problems found (empty when sound)."""
-        return await self._call(_quick_check)  # type: ignore[no-any-return]
+        return await self._call(quick_check)  # type: ignore[no-any-return]
 
     # -- the writer ------------------------------------------------------------------------
 
@@ -395,10 +441,10 @@ class Outbox:
 
     async def _call(self, fn: Callable[[Conn], Awaitable[T]],
                     after_commit: Callable[[T], None] | None = None) -> Any:
-        return await self._submit(_CallOp(fn=fn, after_commit=after_commit))  # type: ignore[arg-type]
+        return await self._submit(_CallOp(fn=fn, after_commit=after_commit))
 
     async def _write_loop(self) -> None:
-        """The single writer: take everything queued, run it in one transaction, fsync once."""
+        """Run the single writer: take all queued work, one transaction, one fsync."""
         try:
             while True:
                 batch = [await self._ops.get()]
@@ -423,7 +469,7 @@ class Outbox:
         try:
             outcomes, plan = await self._transaction(conn, others, appends)
         except sqlite3.Error as err:
-            await _rollback(conn)
+            await rollback(conn)
             if not _is_full(err):
                 await self._writer_failed(err)
                 for op in batch:
@@ -438,7 +484,7 @@ class Outbox:
             try:
                 outcomes, plan = await self._transaction(conn, others, [])
             except sqlite3.Error as err2:
-                await _rollback(conn)
+                await rollback(conn)
                 for op in others:
                     _fail(op, OutboxFull(f"the disk or database is full ({err2})")
                           if _is_full(err2) else OutboxUnavailable(f"write failed: {err2}"))
@@ -490,6 +536,8 @@ class Outbox:
             _resolve(op, outcome)
 
     async def _connection(self) -> Conn:
+        if self.integrity == "corrupt" and self._failure is not None:
+            raise self._failure  # a damaged file is not written to; an operator decides
         if self._conn is not None:
             return self._conn
         now = time.monotonic()
@@ -497,7 +545,7 @@ class Outbox:
             raise self._failure
         self._last_reopen = now
         try:
-            self._conn = await _connect(self.path, self.durability, self.max_db_bytes)
+            self._conn = await connect(self.path, self.durability, self.max_db_bytes)
         except sqlite3.Error as err:
             self._failure = OutboxUnavailable(f"cannot reopen {self.path}: {err}")
             raise self._failure from err
@@ -546,7 +594,7 @@ class Outbox:
             new = await self._insert_data_key(conn, self._keyring.active_id + 1)
             await conn.execute("COMMIT")
         except sqlite3.Error:
-            await _rollback(conn)
+            await rollback(conn)
             raise
         self._activate_key(*new)
         log.info("outbox: data key %d reached its nonce budget; rotated to %d",
@@ -554,11 +602,11 @@ class Outbox:
 
     async def _retire_keys_tx(self, conn: Conn) -> list[int]:
         active = self._keyring.active_id
-        old = [r[0] for r in await _fetchall(
+        old = [r[0] for r in await fetchall(
             conn, "SELECT key_id FROM data_keys WHERE key_id != ?", (active,))]
         retired = []
         for key_id in old:
-            (used,) = await _fetchone(
+            (used,) = await fetchone(
                 conn, "SELECT EXISTS (SELECT 1 FROM events WHERE key_id = ?1"
                       " AND sealed IS NOT NULL) OR EXISTS (SELECT 1 FROM deliveries"
                       " WHERE error_key_id = ?1)", (key_id,))
@@ -652,9 +700,9 @@ class Outbox:
                         ) -> dict[str, tuple[int, bytes, str, tuple[str, ...], float]]:
         found: dict[str, tuple[int, bytes, str, tuple[str, ...], float]] = {}
         ordered = sorted(keys)
-        for i in range(0, len(ordered), _IN_CHUNK):
-            chunk = ordered[i:i + _IN_CHUNK]
-            rows = await _fetchall(
+        for i in range(0, len(ordered), IN_CHUNK):
+            chunk = ordered[i:i + IN_CHUNK]
+            rows = await fetchall(
                 conn, "SELECT dedupe_key, id, fingerprint, idempotency_key, sinks, created_at"
                 f" FROM events WHERE dedupe_key IN ({','.join('?' * len(chunk))})", chunk)
             for dedupe_key, event_id, fp, key, sinks, created in rows:
@@ -672,7 +720,7 @@ class Outbox:
         freed = 0
         after = 0
         while freed < needed:
-            rows = await _fetchall(
+            rows = await fetchall(
                 conn, "SELECT id, size FROM events WHERE id > ? AND sealed IS NOT NULL AND NOT"
                       " EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND"
                       " d.state != 'delivered') ORDER BY id LIMIT ?", (after, PURGE_SLICE))
@@ -685,19 +733,19 @@ class Outbox:
                 after = event_id
                 if freed >= needed:
                     break
-            await _release(conn, take)
+            await release(conn, take)
         if freed < needed:
             self._reclaim_hopeless = True
         return freed
 
     async def _release_payloads(self, conn: Conn, delivered_before: float,
                                 ) -> tuple[int, int]:
-        rows = await _fetchall(
+        rows = await fetchall(
             conn, "SELECT id FROM events WHERE created_at < ?1 AND sealed IS NOT NULL AND NOT"
                   " EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND"
                   " (d.state != 'delivered' OR d.updated_at >= ?1)) ORDER BY id LIMIT ?2",
             (delivered_before, PURGE_SLICE))
-        return len(rows), await _release(conn, rows)
+        return len(rows), await release(conn, rows)
 
     def _released(self, result: tuple[int, int]) -> None:
         self._live_bytes -= result[1]
@@ -710,12 +758,12 @@ class Outbox:
         return cur.rowcount
 
     async def _claim_tx(self, conn: Conn, sink: str, limit: int, now: float) -> list[Delivery]:
-        heads = await _heads(conn, sink)
+        heads = await stream_heads(conn, sink)
         due = sorted(event_id for event_id, state, next_at, _ in heads
                      if state != DeliveryState.IN_FLIGHT and next_at <= now)[:limit]
         if not due:
             return []
-        rows = await _fetchall(
+        rows = await fetchall(
             conn, "SELECT e.id, e.stream, e.kind, e.idempotency_key, e.key_id, e.sealed,"
                   " e.created_at, e.expires_at, d.attempts, d.doubt FROM deliveries d"
                   " JOIN events e ON e.id = d.event_id WHERE d.sink = ? AND d.event_id IN"
@@ -789,34 +837,35 @@ class Outbox:
 
     async def _stats_tx(self, conn: Conn) -> OutboxStats:
         now = self._clock()
-        events, total = await _fetchone(conn, "SELECT events, bytes FROM totals")
+        events, total = await fetchone(conn, "SELECT events, bytes FROM totals")
         sinks: dict[str, SinkStats] = {}
-        for sink, pending, in_doubt, dead, quarantined, size in await _fetchall(
+        for sink, pending, in_doubt, dead, quarantined, size in await fetchall(
                 conn, "SELECT sink, pending, in_doubt, dead, quarantined, bytes FROM sink_stats"
                       " ORDER BY sink"):
             oldest = None
             if pending or in_doubt:
-                created = [c for *_, c in await _heads(conn, sink)]
+                created = [c for *_, c in await stream_heads(conn, sink)]
                 oldest = max(0.0, now - min(created)) if created else None
             sinks[sink] = SinkStats(sink, pending, in_doubt, dead, quarantined, size, oldest)
         return OutboxStats(events, total, self.capacity_bytes, sinks)
 
     async def _list_tx(self, conn: Conn, state: DeliveryState | None, sink: str | None,
                        after: int, limit: int) -> list[DeliveryInfo]:
-        where, params = ["d.event_id > ?"], [after]
+        where: list[str] = ["d.event_id > ?"]
+        params: list[int | str] = [after]
         if state is not None:
             where.append(_STATE_FILTER[DeliveryState(state)])
         if sink is not None:
             where.append("d.sink = ?")
             params.append(sink)
-        rows = await _fetchall(
+        rows = await fetchall(
             conn, f"SELECT {_INFO_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id"
                   f" WHERE {' AND '.join(where)} ORDER BY d.event_id, d.sink LIMIT ?",
             [*params, limit])
         return [self._info(row) for row in rows]
 
     async def _read_tx(self, conn: Conn, event_id: int) -> EventRecord | None:
-        row = await _fetchone_or_none(
+        row = await fetchone_or_none(
             conn, "SELECT id, stream, kind, idempotency_key, dedupe_key, created_at, expires_at,"
                   " size, quarantined, key_id, sealed FROM events WHERE id = ?", (event_id,))
         if row is None:
@@ -831,14 +880,14 @@ class Outbox:
             except RecordTampered:
                 await self._quarantine(conn, [event_id])
                 quarantined = 1
-        deliveries = [self._info(r) for r in await _fetchall(
+        deliveries = [self._info(r) for r in await fetchall(
             conn, f"SELECT {_INFO_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id"
                   " WHERE d.event_id = ? ORDER BY d.sink", (event_id,))]
         return EventRecord(event_id, stream, kind, key, dedupe, created, expires, size,
                            bool(quarantined), sealed is None, payload, deliveries)
 
     def _info(self, row: tuple[Any, ...]) -> DeliveryInfo:
-        (event_id, sink, stream, kind, state, doubt, attempts, next_at, error, error_key,
+        (event_id, sink, stream, kind, state, _doubt, attempts, next_at, error, error_key,
          updated, created, key, dedupe) = row
         text = None
         if error is not None:
@@ -883,124 +932,13 @@ def _validate(event: NewEvent) -> None:
         raise ValueError(f"sinks must be distinct non-empty names, not {event.sinks!r}")
 
 
-async def _connect(path: Path, durability: Durability, max_db_bytes: int | None) -> Conn:
-    conn = await aiosqlite.connect(path, isolation_level=None)
-    try:
-        (mode,) = await _fetchone(conn, "PRAGMA journal_mode = WAL")
-        if mode != "wal":
-            raise OutboxUnavailable(f"{path}: cannot switch to WAL (journal_mode is {mode})")
-        await conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
-        await conn.execute("PRAGMA busy_timeout = 5000")
-        # Bound the WAL left behind after a burst; this connection does every checkpoint.
-        await conn.execute("PRAGMA journal_size_limit = 67108864")
-        if max_db_bytes is not None:
-            (page_size,) = await _fetchone(conn, "PRAGMA page_size")
-            await conn.execute(f"PRAGMA max_page_count = {max(1, max_db_bytes // page_size)}")
-    except BaseException:
-        await conn.close()
-        raise
-    return conn
-
-
-async def _quick_check(conn: Conn) -> list[str]:
-    try:
-        rows = await _fetchall(conn, "PRAGMA quick_check")
-    except sqlite3.DatabaseError as err:
-        return [str(err)]
-    problems = [str(r[0]) for r in rows]
-    return [] if problems == ["ok"] else problems
-
-
-async def _migrate(conn: Conn, path: Path) -> None:
-    try:
-        (version,) = await _fetchone(conn, "PRAGMA user_version")
-    except sqlite3.DatabaseError as err:
-        raise OutboxCorrupt(f"{path} is not a readable SQLite database: {err}") from err
-    if version > schema.LATEST:
-        raise SchemaTooNew(f"{path} has schema version {version}; this tillsync knows up to "
-                           f"{schema.LATEST}")
-    for target in range(version + 1, schema.LATEST + 1):
-        # One transaction per step, version bump included: a crash leaves the old version.
-        script = schema.MIGRATIONS[target - 1]
-        try:
-            await conn.executescript(
-                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {target};\nCOMMIT;")
-        except sqlite3.Error:
-            await _rollback(conn)
-            raise
-        if version:
-            log.info("outbox: migrated %s to schema version %d", path, target)
-
-
-async def _heads(conn: Conn, sink: str) -> list[tuple[int, str, float, float]]:
-    """Each stream's oldest owed delivery for ``sink``: (event_id, state, next_at, created)."""
-    # A skip-scan over the partial index: O(streams × log n), not a scan of the backlog.
-    return [tuple(r) for r in await _fetchall(  # type: ignore[misc]
-        conn,
-        f"""WITH RECURSIVE s(stream) AS (
-              SELECT MIN(stream) FROM deliveries WHERE sink = :sink AND state IN {ACTIVE}
-              UNION ALL
-              SELECT (SELECT MIN(stream) FROM deliveries
-                      WHERE sink = :sink AND state IN {ACTIVE} AND stream > s.stream)
-              FROM s WHERE s.stream IS NOT NULL)
-            SELECT d.event_id, d.state, d.next_attempt_at, e.created_at
-            FROM s
-            JOIN deliveries d ON d.sink = :sink AND d.event_id = (
-                SELECT MIN(event_id) FROM deliveries
-                WHERE sink = :sink AND state IN {ACTIVE} AND stream = s.stream)
-            JOIN events e ON e.id = d.event_id
-            WHERE s.stream IS NOT NULL""",
-        {"sink": sink})]
-
-
-async def _release(conn: Conn, ids: Sequence[tuple[int] | Sequence[Any]]) -> int:
-    if not ids:
-        return 0
-    flat = [r[0] for r in ids]
-    freed = 0
-    for i in range(0, len(flat), _IN_CHUNK):
-        chunk = flat[i:i + _IN_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        (size,) = await _fetchone(conn, f"SELECT TOTAL(size) FROM events WHERE id IN ({marks})",
-                                  chunk)
-        freed += int(size)
-        await conn.execute(f"UPDATE events SET sealed = NULL, size = 0 WHERE id IN ({marks})",
-                           chunk)
-        await conn.execute(f"DELETE FROM deliveries WHERE event_id IN ({marks})", chunk)
-    return freed
-
-
-async def _fetchall(conn: Conn, sql: str, params: Any = ()) -> list[Any]:
-    async with conn.execute(sql, params) as cur:
-        return list(await cur.fetchall())
-
-
-async def _fetchone(conn: Conn, sql: str, params: Any = ()) -> Any:
-    row = await _fetchone_or_none(conn, sql, params)
-    if row is None:
-        raise OutboxCorrupt(f"query returned no row: {sql.split()[0:4]}")
-    return row
-
-
-async def _fetchone_or_none(conn: Conn, sql: str, params: Any = ()) -> Any:
-    async with conn.execute(sql, params) as cur:
-        return await cur.fetchone()
-
-
-async def _rollback(conn: Conn) -> None:
-    try:
-        if conn.in_transaction:
-            await conn.execute("ROLLBACK")
-    except sqlite3.Error as err:
-        log.debug("outbox: rollback failed: %s", err)
-
-
 async def _noop(conn: Conn) -> None:
     return None
 
 
 def _is_full(err: sqlite3.Error) -> bool:
-    return getattr(err, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in str(err).lower()
+    # SQLITE_FULL: the disk, or max_page_count, has no room. Python 3.11+ names the code.
+    return getattr(err, "sqlite_errorname", "") == "SQLITE_FULL"
 
 
 def _fail(op: _Op, err: BaseException) -> None:
