@@ -314,6 +314,16 @@ class Outbox:
         claimed: list[Delivery] = await self._call(lambda c: self._claim_tx(c, sink, limit, at))
         return claimed
 
+    async def next_due(self, sink: str) -> float | None:
+        """When the earliest claimable delivery for ``sink`` falls due; None if none is owed."""
+        async def tx(conn: Conn) -> float | None:
+            times = [next_at for _, state, next_at, _ in await stream_heads(conn, sink)
+                     if state != DeliveryState.IN_FLIGHT]
+            return min(times) if times else None
+
+        due: float | None = await self._call(tx)
+        return due
+
     async def settle(self, settlements: Sequence[Settlement]) -> None:
         """Record the verdicts of finished attempts (group-committed with other writes)."""
         if settlements:

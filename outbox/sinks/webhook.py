@@ -1,0 +1,175 @@
+"""The generic webhook sink: one signed, idempotent POST per delivery (CONTRACT §6).
+
+Body. The outbox payload for a webhook sink is a JSON object (the agent writes
+``{"store_id", "kind", "data"}``). The sink splices the event's immutable fields in front of
+it, byte for byte, without re-serialising anything::
+
+    {"id":"<event id>","idempotency_key":"<key>","accepted_at":"<RFC 3339>", <payload members>}
+
+Every input is fixed at append time (id, key and acceptance time are written with the
+payload in one transaction), so every attempt, across restarts and upgrades, sends a
+byte-identical body: a server that remembers the key can always match it.
+
+Headers: ``Content-Type``, ``Idempotency-Key``, ``User-Agent``, ``Authorization: Bearer``
+when a token is set, and ``Tillsync-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret,
+"<t>.<body>")>`` when a signing secret is set. TLS is verified (optionally against a custom
+CA bundle); redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+
+import aiohttp
+
+from outbox.classify import Answered, AttemptResult, NoAnswer, Unsendable
+from outbox.models import Delivery
+from outbox.sinks.base import SinkPolicy
+
+# Enough of an error body to explain a 4xx to an operator; the rest is not read.
+BODY_EXCERPT_BYTES = 2048
+DEFAULT_TIMEOUT_S = 10.0
+# Connecting gets at most this long, so a connect timeout (nothing sent) is told apart
+# from a timeout while waiting for the answer (maybe applied).
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tillsync")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+USER_AGENT = f"tillsync/{_version()}"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """Where and how to POST."""
+
+    url: str
+    token: str | None = None
+    signing_secret: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    ca_bundle: str | None = None  # PEM file of extra CAs; system CAs otherwise
+    lookup_url: str | None = None  # e.g. "https://api.example.com/events/{idempotency_key}"
+
+
+def accepted_at(created_at: float) -> str:
+    """RFC 3339 UTC timestamp of acceptance, as it appears in the envelope."""
+    stamp = datetime.fromtimestamp(created_at, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def envelope(delivery: Delivery) -> bytes:
+    """Build the request body: immutable event fields spliced before the payload's members."""
+    payload = delivery.payload.strip()
+    if not payload.startswith(b"{") or not payload.endswith(b"}"):
+        raise ValueError("payload is not a JSON object")
+    head = b'{"id":"%d","idempotency_key":"%s","accepted_at":"%s"' % (
+        delivery.event_id, delivery.idempotency_key.encode(),
+        accepted_at(delivery.created_at).encode())
+    members = payload[1:].lstrip()
+    return head + b"}" if members == b"}" else head + b"," + members
+
+
+def signature(secret: str, timestamp: int, body: bytes) -> str:
+    """Compute the ``Tillsync-Signature`` header value for ``body`` at ``timestamp``."""
+    mac = hmac.new(secret.encode(), b"%d." % timestamp + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+class WebhookSink:
+    """POSTs each delivery to one URL over one pooled, TLS-verifying aiohttp session."""
+
+    def __init__(self, name: str, settings: WebhookSettings, policy: SinkPolicy | None = None,
+                 *, clock: Callable[[], float] = time.time) -> None:
+        self.name = name
+        self.settings = settings
+        self.policy = policy or SinkPolicy()
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the pooled session (one per sink, at most ``concurrency`` connections)."""
+        if self._session is not None:
+            return
+        context = ssl.create_default_context(cafile=self.settings.ca_bundle)
+        connector = aiohttp.TCPConnector(limit=self.policy.concurrency, ssl=context)
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s,
+                                        connect=min(CONNECT_TIMEOUT_S, self.settings.timeout_s))
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                              headers={"User-Agent": USER_AGENT})
+
+    async def close(self) -> None:
+        """Close the session; idempotent."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def deliver(self, delivery: Delivery) -> AttemptResult:
+        """POST the delivery once and report what happened."""
+        try:
+            body = envelope(delivery)
+        except ValueError as err:
+            return Unsendable(str(err))
+        headers = {"Content-Type": "application/json",
+                   "Idempotency-Key": delivery.idempotency_key}
+        if self.settings.token:
+            headers["Authorization"] = f"Bearer {self.settings.token}"
+        if self.settings.signing_secret:
+            headers["Tillsync-Signature"] = signature(self.settings.signing_secret,
+                                                      int(self._clock()), body)
+        return await self._request("POST", self.settings.url, data=body, headers=headers)
+
+    async def lookup(self, delivery: Delivery) -> bool | None:
+        """GET ``lookup_url`` for the key: 2xx → took effect, 404 → did not, else unknown."""
+        if not self.settings.lookup_url:
+            return None
+        url = self.settings.lookup_url.format(idempotency_key=delivery.idempotency_key)
+        headers = {}
+        if self.settings.token:
+            headers["Authorization"] = f"Bearer {self.settings.token}"
+        result = await self._request("GET", url, headers=headers)
+        if isinstance(result, Answered):
+            if 200 <= result.status < 300:
+                return True
+            if result.status == 404:
+                return False
+        return None
+
+    async def _request(self, method: str, url: str, **kwargs: object) -> AttemptResult:
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        try:
+            async with self._session.request(method, url, allow_redirects=False,
+                                             **kwargs) as resp:  # type: ignore[arg-type]
+                excerpt = await resp.content.read(BODY_EXCERPT_BYTES)
+                return Answered(resp.status, dict(resp.headers),
+                                excerpt.decode("utf-8", "replace"))
+        except aiohttp.ClientSSLError as err:
+            return NoAnswer("tls", sent=False, detail=_describe(err))
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as err:
+            return NoAnswer("connect", sent=False, detail=_describe(err))
+        except (TimeoutError, aiohttp.SocketTimeoutError) as err:
+            return NoAnswer("timeout", sent=True,
+                            detail=f"no answer within {self.settings.timeout_s:g} s"
+                            if isinstance(err, TimeoutError) else _describe(err))
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
+            # The connection broke after the request went out: it may have been applied.
+            return NoAnswer("reset", sent=True, detail=_describe(err))
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return f"{type(err).__name__}: {text}"[:300]

@@ -1,0 +1,72 @@
+"""Backoff, Retry-After parsing and the token bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from email.utils import format_datetime
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from outbox.pacing import TokenBucket, full_jitter, retry_after_seconds
+
+NOW = 1_800_000_000.0
+
+
+@given(attempt=st.integers(1, 60), base=st.floats(0.01, 10), cap=st.floats(0.1, 600),
+       seed=st.integers(0, 2**32))
+def test_full_jitter_stays_between_zero_and_the_capped_exponential(attempt, base, cap, seed):
+    delay = full_jitter(attempt, base_s=base, cap_s=cap, rng=random.Random(seed))
+    assert 0.0 <= delay <= min(cap, base * 2 ** (attempt - 1))
+
+
+def test_full_jitter_spreads_retries():
+    rng = random.Random(1)
+    delays = [full_jitter(5, base_s=1, cap_s=60, rng=rng) for _ in range(1000)]
+    assert min(delays) < 2 and max(delays) > 14
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("7", 7.0), (" 120 ", 120.0), ("0", 0.0), ("99999", 3600.0),
+    (format_datetime(datetime.fromtimestamp(NOW + 30, UTC), usegmt=True), 30.0),
+    (format_datetime(datetime.fromtimestamp(NOW - 30, UTC), usegmt=True), 0.0),
+    (None, None), ("soon", None), ("-5", None), ("1.5", None), ("", None),
+])
+def test_retry_after_accepts_seconds_and_http_dates_and_ignores_garbage(value, expected):
+    assert retry_after_seconds(value, now=NOW, cap_s=3600) == expected
+
+
+@given(st.text(max_size=40))
+def test_retry_after_never_raises_and_never_exceeds_the_cap(value):
+    result = retry_after_seconds(value, now=NOW, cap_s=100)
+    assert result is None or 0.0 <= result <= 100
+
+
+async def test_token_bucket_paces_acquisitions_to_the_rate():
+    bucket = TokenBucket(100.0)
+    started = time.monotonic()
+    for _ in range(31):
+        await bucket.acquire()
+    elapsed = time.monotonic() - started
+    assert 0.28 <= elapsed < 0.6  # 30 tokens after the first, at 100/s
+
+
+async def test_token_bucket_serves_concurrent_callers_without_exceeding_the_rate():
+    bucket = TokenBucket(200.0)
+    stamps: list[float] = []
+
+    async def take():
+        await bucket.acquire()
+        stamps.append(time.monotonic())
+
+    await asyncio.gather(*(take() for _ in range(41)))
+    assert stamps[-1] - stamps[0] >= 0.19
+
+
+def test_token_bucket_refuses_a_non_positive_rate():
+    with pytest.raises(ValueError, match="rate"):
+        TokenBucket(0)
