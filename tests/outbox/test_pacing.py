@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from email.utils import format_datetime
 from datetime import UTC, datetime
+from email.utils import format_datetime
 
 import pytest
 from hypothesis import given
