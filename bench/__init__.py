@@ -1,0 +1,1 @@
+"""Benchmarks for tillsync; run them with ``python -m bench`` (see ``bench.run``)."""
