@@ -211,6 +211,15 @@ class Relay:
     async def _attempt(self, delivery: Delivery) -> None:
         try:
             settlement = await self._try(delivery)
+        except Exception as err:
+            # Left in flight it would block its stream until a restart: retry it later.
+            log.exception("relay %s: attempt of event %d failed unexpectedly", self.name,
+                          delivery.event_id)
+            self._failed(f"internal error: {err!r}")
+            settlement = Settlement(delivery.event_id, self.name, Verdict.RETRY,
+                                    next_attempt_at=self._clock() + self._backoff(
+                                        delivery.attempts + 1),
+                                    error=f"internal error: {type(err).__name__}")
         except asyncio.CancelledError:
             # Stopped mid-attempt: give it back (same key, same body next time).
             with contextlib.suppress(OutboxError):

@@ -479,28 +479,43 @@ class Outbox:
         try:
             outcomes, plan = await self._transaction(conn, others, appends)
         except sqlite3.Error as err:
+            await self._batch_failed(conn, batch, appends, others, err)
+            return
+        except Exception as err:
+            # A bug must not kill the writer: every later caller would wait for ever.
+            log.exception("outbox: internal error in a write batch; it was rolled back")
             await rollback(conn)
-            if not _is_full(err):
-                await self._writer_failed(err)
-                for op in batch:
-                    _fail(op, OutboxUnavailable(f"write failed: {err}"))
-                return
-            full = OutboxFull(f"the disk or database is full ({err})")
-            for op in appends:
-                _fail(op, full)
-            if not others:
-                return
-            # Settling and admin work free space rather than use it: try them alone.
-            try:
-                outcomes, plan = await self._transaction(conn, others, [])
-            except sqlite3.Error as err2:
-                await rollback(conn)
-                for op in others:
-                    _fail(op, OutboxFull(f"the disk or database is full ({err2})")
-                          if _is_full(err2) else OutboxUnavailable(f"write failed: {err2}"))
-                if not _is_full(err2):
-                    await self._writer_failed(err2)
-                return
+            for op in batch:
+                _fail(op, OutboxUnavailable(f"internal error: {err!r}"))
+            return
+        self.commits += 1
+        self._after_commit(plan, outcomes)
+
+    async def _batch_failed(self, conn: Conn, batch: list[_Op], appends: list[_AppendOp],
+                            others: list[_Op], err: sqlite3.Error) -> None:
+        """Handle a failed batch: full → fail appends, retry the rest; else reopen."""
+        await rollback(conn)
+        if not _is_full(err):
+            await self._writer_failed(err)
+            for op in batch:
+                _fail(op, OutboxUnavailable(f"write failed: {err}"))
+            return
+        full = OutboxFull(f"the disk or database is full ({err})")
+        for op in appends:
+            _fail(op, full)
+        if not others:
+            return
+        # Settling and admin work free space rather than use it: try them alone.
+        try:
+            outcomes, plan = await self._transaction(conn, others, [])
+        except sqlite3.Error as err2:
+            await rollback(conn)
+            for op in others:
+                _fail(op, OutboxFull(f"the disk or database is full ({err2})")
+                      if _is_full(err2) else OutboxUnavailable(f"write failed: {err2}"))
+            if not _is_full(err2):
+                await self._writer_failed(err2)
+            return
         self.commits += 1
         self._after_commit(plan, outcomes)
 

@@ -317,3 +317,25 @@ async def test_state_transitions_are_logged_once_and_recovery_once(
     assert len([m for m in lines if "online → backing_off" in m]) == 1
     [recovered] = [m for m in lines if "recovered after" in m]
     assert "failed attempts" in recovered
+
+
+async def test_a_sink_that_raises_does_not_strand_its_delivery(
+        store: Outbox, cloud, running, monkeypatch: pytest.MonkeyPatch):
+    """A bug in a sink must not leave the delivery in flight, blocking its terminal."""
+    await store.append(sale("T01", 1))
+    await store.append(sale("T01", 2))
+    real = WebhookSink.deliver
+    calls = 0
+
+    async def flaky(self, delivery):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("sink bug")
+        return await real(self, delivery)
+
+    monkeypatch.setattr(WebhookSink, "deliver", flaky)
+    await running.start(store, cloud.url)
+    await drained(store)
+    assert calls == 3, "the first attempt raised, then both events went out"
+    assert [int(e.event_id) for e in cloud.effects] == [1, 2]

@@ -443,3 +443,25 @@ async def test_closed_store_refuses_work_and_close_is_idempotent(store: Outbox):
     await store.close()
     with pytest.raises(OutboxClosed):
         await store.append(event())
+
+
+async def test_an_internal_error_fails_its_batch_but_never_kills_the_writer(
+        store: Outbox, monkeypatch: pytest.MonkeyPatch):
+    """GIVEN a bug that raises inside a write batch WHEN it happens THEN that batch's callers
+    get OutboxUnavailable, nothing of it is committed, and later writes still work."""
+    from outbox import OutboxUnavailable
+
+    original = store._settle_tx
+
+    async def broken(conn, settlements):
+        raise RuntimeError("bug")
+
+    await store.append(event("T01", 1))
+    [d] = await store.claim("cloud", 1)
+    monkeypatch.setattr(store, "_settle_tx", broken)
+    with pytest.raises(OutboxUnavailable, match="internal error"):
+        await settle(store, d.event_id, Verdict.DELIVERED)
+    monkeypatch.setattr(store, "_settle_tx", original)
+    assert (await store.append(event("T01", 2))).created
+    await settle(store, d.event_id, Verdict.DELIVERED)
+    assert (await store.stats()).sinks["cloud"].pending == 1
