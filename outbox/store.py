@@ -204,7 +204,8 @@ class Outbox:
             await reader.close()
         if problems:
             self.integrity = "corrupt"
-            self._failure = OutboxCorrupt(f"{self.path} failed quick_check: {problems[0]}")
+            first = " ".join(problems[0].split())[:200]
+            self._failure = OutboxCorrupt(f"{self.path} failed quick_check: {first}")
             log.error("outbox: %s failed quick_check (%s); refusing writes", self.path,
                       problems[0])
         else:
@@ -253,6 +254,8 @@ class Outbox:
             self._ops.put_nowait(marker)
             self._closed = True
             await asyncio.wait([marker.future])
+            if not marker.future.cancelled():
+                marker.future.exception()  # retrieved: a refusal here needs no report
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
         self._closed = True
