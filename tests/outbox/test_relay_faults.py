@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,6 +127,7 @@ def check_effects(cloud: StandinCloud, appended: dict[str, list[int]],
     assert order == dict(appended), f"first effects out of append order under {faults}"
 
 
+@pytest.mark.timeout(max(300, 5 * EXAMPLES))  # one example takes 0.2-2 s
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(faults=st.lists(FAULTS, max_size=12), streams=st.integers(4, 6),
        late=st.lists(st.integers(0, 5), max_size=4), seed=st.integers(0, 2**32 - 1))
