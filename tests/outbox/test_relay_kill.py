@@ -170,6 +170,8 @@ async def test_a_relay_killed_mid_delivery_again_and_again_loses_and_doubles_not
         await expect_line(proc, b"drained", DRAIN_TIMEOUT_S, stderr)
         assert await proc.wait() == 0
         await asyncio.sleep(2 * LATENCY_S)  # nothing may still be on its way in
+        log = stderr.read_text(errors="replace")
+        assert "Traceback" not in log and "crashed" not in log, log[-4000:]
 
         # Evidence that the kills hit requests on the wire, not an idle relay.
         assert sum(k.states["in_flight"] for k in kills) > 0, (kills, SEED)
