@@ -110,20 +110,26 @@ def read_io() -> dict[str, int]:
 
 
 class IoMeter:
-    """Accumulates ``/proc/self/io`` deltas over the blocks run under ``measure()``."""
+    """Accumulates ``/proc/self/io`` deltas, and the items written, over measured blocks."""
 
     def __init__(self) -> None:
-        self.write_bytes = 0
-        self.wchar = 0
+        self.write_bytes = 0  # bytes this process caused to be sent to storage
+        self.wchar = 0  # bytes passed to write(2) and friends
+        self.items = 0
 
     @contextlib.contextmanager
-    def measure(self) -> Iterator[None]:
-        """Add what the enclosed block wrote to the running totals."""
+    def measure(self, items: int) -> Iterator[None]:
+        """Add what the enclosed block, which writes ``items`` items, wrote to the totals."""
         before = read_io()
         yield
         after = read_io()
         self.write_bytes += after["write_bytes"] - before["write_bytes"]
         self.wchar += after["wchar"] - before["wchar"]
+        self.items += items
+
+    def per_item(self, counter: str) -> float:
+        """``write_bytes`` or ``wchar`` per item written."""
+        return float(getattr(self, counter)) / max(self.items, 1)
 
 
 def at_least(value: float, bound: float) -> bool:

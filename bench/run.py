@@ -80,8 +80,10 @@ def run_header(args: argparse.Namespace, root: Path, seconds: float, load: float
                command: str) -> str:
     """Where, when and how a benchmark ran, as one markdown-friendly paragraph."""
     sizes = "quick sizes" if args.quick else "full sizes"
+    end_load = os.getloadavg()[0]
     return (f"Measured {dt.date.today().isoformat()} by `{command}` ({sizes}, {seconds:.0f} s,"
-            f" 1-min load average {load:.2f} at start). Python {platform.python_version()},"
+            f" 1-min load average {load:.2f} at start and {end_load:.2f} at the end)."
+            f" Python {platform.python_version()},"
             f" SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs,"
             f" {platform.system()} {platform.release()}; files on {describe_disk(root)}.")
 
