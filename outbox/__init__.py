@@ -31,7 +31,7 @@ Delivery states and transitions
                  │                   │   ├──settle(IN_DOUBT at T)──► in_doubt (due at T)
                  │                   │   └──settle(DEAD)───────────► dead
                  │                   └──restart or release──► pending, or in_doubt if doubted
-                 └────── operator requeue ◄── dead
+                 └────── operator requeue ◄── dead   (back to in_doubt if it was doubted)
     a record that fails authentication, at any read ──► quarantined
 
 ``in_doubt`` means an attempt may have reached the server without an answer (timeout,

@@ -47,16 +47,24 @@ def create_key_file(path: Path) -> None:
     """Write a new random master key to ``path`` with mode 0600; refuse to overwrite."""
     key = base64.b64encode(os.urandom(KEY_BYTES)) + b"\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    # O_EXCL: never replace an existing key, which would orphan every record it protects.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError as err:
-        raise KeyFileInvalid(path, "already exists; refusing to overwrite a key") from err
+    if path.exists():
+        raise KeyFileInvalid(path, "already exists; refusing to overwrite a key")
+    # Write a private temp file, fsync it, then hard-link it into place: the key file
+    # appears whole or not at all (a kill mid-write leaves no empty key behind), and
+    # link() fails rather than replace a key that appeared meanwhile.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, key)
         os.fsync(fd)
     finally:
         os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError as err:
+        raise KeyFileInvalid(path, "already exists; refusing to overwrite a key") from err
+    finally:
+        tmp.unlink()
     _fsync_dir(path.parent)
 
 
