@@ -14,17 +14,10 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 
 from outbox import DeliveryState, Outbox, OutboxError
-
-
-def _version() -> str:
-    try:
-        return metadata.version("tillsync")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+from outbox.version import package_version
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tillsync",
         description="In-store edge sync agent: keeps POS events in an encrypted outbox "
                     "and replays them idempotently to cloud APIs.")
-    parser.add_argument("--version", action="version", version=f"tillsync {_version()}")
+    parser.add_argument("--version", action="version", version=f"tillsync {package_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on failure")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

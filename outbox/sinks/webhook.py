@@ -26,13 +26,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 
 import aiohttp
 
 from outbox.classify import Answered, AttemptResult, NoAnswer, Unsendable
 from outbox.models import Delivery
 from outbox.sinks.base import SinkPolicy
+from outbox.version import package_version
 
 # Enough of an error body to explain a 4xx to an operator; the rest is not read.
 BODY_EXCERPT_BYTES = 2048
@@ -42,14 +42,7 @@ DEFAULT_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 
 
-def _version() -> str:
-    try:
-        return metadata.version("tillsync")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-USER_AGENT = f"tillsync/{_version()}"
+USER_AGENT = f"tillsync/{package_version()}"
 
 
 @dataclass(frozen=True, slots=True)
