@@ -94,7 +94,7 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import formatdate, parsedate_to_datetime
@@ -620,8 +620,13 @@ class StandinCloud:
     async def _handle_post(self, request: web.Request) -> web.Response:
         key = request.headers.get(IDEMPOTENCY_KEY)
         record = self._arrive(request, key)
+        return await self._tracked(record, self._post(request, record, key))
+
+    async def _tracked(self, record: RequestRecord,
+                       handling: Coroutine[Any, Any, web.Response]) -> web.Response:
+        """Await a handler; a request cut off by shutdown is recorded as abandoned."""
         try:
-            return await self._post(request, record, key)
+            return await handling
         except asyncio.CancelledError:
             record.outcome = "abandoned"
             raise
@@ -750,13 +755,7 @@ class StandinCloud:
     async def _handle_lookup(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
         record = self._arrive(request, key)
-        try:
-            return await self._lookup(request, record, key)
-        except asyncio.CancelledError:
-            record.outcome = "abandoned"
-            raise
-        finally:
-            self._notify()
+        return await self._tracked(record, self._lookup(request, record, key))
 
     async def _lookup(self, request: web.Request, record: RequestRecord, key: str) -> web.Response:
         gated = await self._gate(record)
