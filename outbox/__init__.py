@@ -61,7 +61,9 @@ One connection, owned by one writer task, does every write and every checkpoint.
 to 3.51.2, including Debian 12's 3.40.1, can lose commits when several connections write or
 checkpoint concurrently: the WAL-reset bug.) Callers queue operations; the writer takes all
 that are waiting, runs them in one ``BEGIN IMMEDIATE`` transaction and answers each caller
-only after the single ``COMMIT`` (one fsync) returns. An I/O error is fatal for the handle:
+only after the single ``COMMIT`` (one fsync) returns. The whole transaction runs as one
+function on the connection's thread (``outbox.transactions``), one round trip per batch
+rather than one per statement. An I/O error is fatal for the handle:
 the batch fails with ``OutboxUnavailable``, the connection is dropped and the next batch
 reopens from disk (never "retry the fsync"). ``SQLITE_FULL`` fails the appends of the batch
 with ``OutboxFull`` and retries the rest, which free space rather than use it.
@@ -74,8 +76,9 @@ On-disk schema (``outbox.schema``, versioned by ``PRAGMA user_version``)
   last_error, error_key_id, updated_at)`` keyed by (event_id, sink), with partial indexes
   on owed, in-flight and parked rows;
 - ``data_keys(key_id, wrapped, created_at, uses)``;
-- ``sink_stats`` and ``totals``: counters kept by triggers in the same transaction as every
-  change, so stats never scan the queue and never drift.
+- ``sink_stats`` and ``totals``: counters kept in the same transaction as every change (by
+  the append batch for new rows, by triggers for every later change), so stats never scan
+  the queue and never drift.
 
 Migrations run one transaction per version step; a newer schema than known is refused.
 ``PRAGMA quick_check`` runs on every open of an existing database, on a separate read-only

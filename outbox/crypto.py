@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import os
 import stat
@@ -171,11 +170,9 @@ class KeyRing:
 
     def fingerprint(self, *parts: bytes) -> bytes:
         """Keyed hash of the parts: compares payloads for dedupe without revealing them."""
-        mac = hmac.new(self._mac_key, digestmod=hashlib.sha256)
-        for part in parts:
-            mac.update(len(part).to_bytes(8, "big"))
-            mac.update(part)
-        return mac.digest()
+        # Length-prefixed so ("ab", "c") and ("a", "bc") differ; one-shot for speed.
+        framed = b"".join([b"%016x%b" % (len(part), part) for part in parts])
+        return hmac.digest(self._mac_key, framed, "sha256")
 
 
 def _wrap_aad(key_id: int) -> bytes:

@@ -7,10 +7,17 @@ refused, never guessed at.
 
 from __future__ import annotations
 
-# States that still owe a delivery. Repeated verbatim in queries so SQLite can use the
-# partial indexes below (its planner matches the predicate text, not its meaning).
+# States that still owe a delivery, and parked ones. Repeated verbatim in queries so SQLite
+# can use the partial indexes below (its planner matches the predicate text, not its meaning).
 ACTIVE = "('pending','in_flight','in_doubt')"
 PARKED = "('dead','quarantined')"
+OWED = f"state IN {ACTIVE}"
+
+
+def _owed(row: str) -> str:
+    # Triggers spell the test out: an IN-list there builds a temporary b-tree per row.
+    return f"({row}.state = 'pending' OR {row}.state = 'in_flight' OR {row}.state = 'in_doubt')"
+
 
 _V1 = f"""
 CREATE TABLE meta (
@@ -62,15 +69,15 @@ CREATE TABLE deliveries (
 ) WITHOUT ROWID;
 
 -- Per-stream heads for claims: MIN(event_id) per (sink, stream) among owed deliveries.
-CREATE INDEX deliveries_owed ON deliveries (sink, stream, event_id) WHERE state IN {ACTIVE};
+CREATE INDEX deliveries_owed ON deliveries (sink, stream, event_id) WHERE {OWED};
 -- Restart recovery finds in-flight rows without a scan.
 CREATE INDEX deliveries_in_flight ON deliveries (event_id) WHERE state = 'in_flight';
 -- Operators list dead and quarantined rows without a scan.
 CREATE INDEX deliveries_parked ON deliveries (sink, event_id) WHERE state IN {PARKED};
 CREATE INDEX events_created ON events (created_at);
 
--- Counters kept by triggers in the same transaction as every change, so stats never
--- scan the queue and can never drift from it, even across crashes.
+-- Counters kept in the same transaction as every change, so stats never scan the queue
+-- and can never drift from it, even across crashes.
 CREATE TABLE sink_stats (
     sink        TEXT PRIMARY KEY,
     pending     INTEGER NOT NULL DEFAULT 0,
@@ -87,9 +94,8 @@ CREATE TABLE totals (
 );
 INSERT INTO totals VALUES (1, 0, 0);
 
-CREATE TRIGGER events_ins AFTER INSERT ON events BEGIN
-    UPDATE totals SET events = events + 1, bytes = bytes + NEW.size;
-END;
+-- Appends add their counts in the same transaction (one statement per batch, not a trigger
+-- per row); every later change is counted by these triggers.
 CREATE TRIGGER events_upd AFTER UPDATE OF size ON events BEGIN
     UPDATE totals SET bytes = bytes - OLD.size + NEW.size;
 END;
@@ -97,22 +103,14 @@ CREATE TRIGGER events_del AFTER DELETE ON events BEGIN
     UPDATE totals SET events = events - 1, bytes = bytes - OLD.size;
 END;
 
-CREATE TRIGGER deliveries_ins AFTER INSERT ON deliveries BEGIN
-    INSERT INTO sink_stats (sink) VALUES (NEW.sink) ON CONFLICT (sink) DO NOTHING;
+-- Claims (pending -> in_flight) and plain retries change no counter: skip them.
+CREATE TRIGGER deliveries_upd AFTER UPDATE OF state, doubt ON deliveries
+WHEN NOT ({_owed("OLD")} AND {_owed("NEW")} AND OLD.doubt = NEW.doubt) BEGIN
     UPDATE sink_stats SET
-        pending     = pending     + (NEW.state IN {ACTIVE} AND NEW.doubt = 0),
-        in_doubt    = in_doubt    + (NEW.state IN {ACTIVE} AND NEW.doubt = 1),
-        dead        = dead        + (NEW.state = 'dead'),
-        quarantined = quarantined + (NEW.state = 'quarantined'),
-        bytes       = bytes       + (CASE WHEN NEW.state = 'delivered' THEN 0 ELSE NEW.size END)
-    WHERE sink = NEW.sink;
-END;
-CREATE TRIGGER deliveries_upd AFTER UPDATE OF state, doubt ON deliveries BEGIN
-    UPDATE sink_stats SET
-        pending     = pending     - (OLD.state IN {ACTIVE} AND OLD.doubt = 0)
-                                  + (NEW.state IN {ACTIVE} AND NEW.doubt = 0),
-        in_doubt    = in_doubt    - (OLD.state IN {ACTIVE} AND OLD.doubt = 1)
-                                  + (NEW.state IN {ACTIVE} AND NEW.doubt = 1),
+        pending     = pending     - ({_owed("OLD")} AND OLD.doubt = 0)
+                                  + ({_owed("NEW")} AND NEW.doubt = 0),
+        in_doubt    = in_doubt    - ({_owed("OLD")} AND OLD.doubt = 1)
+                                  + ({_owed("NEW")} AND NEW.doubt = 1),
         dead        = dead        - (OLD.state = 'dead') + (NEW.state = 'dead'),
         quarantined = quarantined - (OLD.state = 'quarantined') + (NEW.state = 'quarantined'),
         bytes       = bytes - (CASE WHEN OLD.state = 'delivered' THEN 0 ELSE OLD.size END)
@@ -121,8 +119,8 @@ CREATE TRIGGER deliveries_upd AFTER UPDATE OF state, doubt ON deliveries BEGIN
 END;
 CREATE TRIGGER deliveries_del AFTER DELETE ON deliveries BEGIN
     UPDATE sink_stats SET
-        pending     = pending     - (OLD.state IN {ACTIVE} AND OLD.doubt = 0),
-        in_doubt    = in_doubt    - (OLD.state IN {ACTIVE} AND OLD.doubt = 1),
+        pending     = pending     - ({_owed("OLD")} AND OLD.doubt = 0),
+        in_doubt    = in_doubt    - ({_owed("OLD")} AND OLD.doubt = 1),
         dead        = dead        - (OLD.state = 'dead'),
         quarantined = quarantined - (OLD.state = 'quarantined'),
         bytes       = bytes - (CASE WHEN OLD.state = 'delivered' THEN 0 ELSE OLD.size END)

@@ -118,7 +118,7 @@ async def test_rotation_keeps_old_records_readable_and_purge_retires_unused_keys
 
 async def test_data_key_rotates_itself_before_its_nonce_budget_runs_out(
         open_store: OpenStore, paths: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("outbox.store.MAX_ENCRYPTIONS_PER_KEY", 5)
+    monkeypatch.setattr("outbox.transactions.MAX_ENCRYPTIONS_PER_KEY", 5)
     store = await open_store()
     for seq in range(12):
         await store.append(event("T01", seq))

@@ -20,6 +20,7 @@ from outbox import (
     Verdict,
     schema,
 )
+from outbox.db import hop
 from tests.outbox.conftest import Clock, OpenStore, event
 
 
@@ -376,10 +377,11 @@ async def test_durability_sets_wal_and_synchronous(open_store: OpenStore, durabi
     store = await open_store(durability=durability)
     conn = store._conn
     assert conn is not None
-    async with conn.execute("PRAGMA synchronous") as cur:
-        assert (await cur.fetchone())[0] == expected  # type: ignore[index]
-    async with conn.execute("PRAGMA journal_mode") as cur:
-        assert (await cur.fetchone())[0] == "wal"  # type: ignore[index]
+    # Also pins the one private aiosqlite call the store relies on (outbox.db.hop).
+    pragmas = await hop(conn, lambda raw: raw.execute(
+        "SELECT synchronous, journal_mode, temp_store FROM pragma_synchronous,"
+        " pragma_journal_mode, pragma_temp_store").fetchone())
+    assert pragmas == (expected, "wal", 2)  # temp_store 2 = MEMORY
 
 
 async def test_unknown_durability_is_refused(open_store: OpenStore):
@@ -417,6 +419,24 @@ async def test_quick_check_runs_on_open_of_an_existing_database(open_store: Open
     assert reopened.integrity == "ok" and reopened.healthy
 
 
+async def test_close_during_the_open_time_check_is_no_verdict_of_damage(
+        open_store: OpenStore):
+    """GIVEN a store reopened with enough data that its quick_check takes a while WHEN it is
+    closed at once (a service stopping) THEN the interrupted check does not mark the file
+    corrupt, and the next open checks it clean."""
+    store = await open_store()
+    big = bytes(2000)
+    for start in range(0, 20_000, 1000):
+        await store.append_many([event("T01", seq, payload=big + b"%d" % seq)
+                                 for seq in range(start, start + 1000)])
+    await store.close()
+    reopened = await open_store()
+    await reopened.close()
+    assert reopened.integrity != "corrupt"
+    again = await open_store()
+    assert await again.verified() == []
+    assert again.integrity == "ok"
+
 async def test_a_damaged_btree_found_by_quick_check_stops_writes(open_store: OpenStore,
                                                                  paths: tuple[Path, Path]):
     store = await open_store()
@@ -451,17 +471,15 @@ async def test_an_internal_error_fails_its_batch_but_never_kills_the_writer(
     get OutboxUnavailable, nothing of it is committed, and later writes still work."""
     from outbox import OutboxUnavailable
 
-    original = store._settle_tx
-
-    async def broken(conn, settlements):
+    def broken(raw, settlements):
         raise RuntimeError("bug")
 
     await store.append(event("T01", 1))
     [d] = await store.claim("cloud", 1)
-    monkeypatch.setattr(store, "_settle_tx", broken)
-    with pytest.raises(OutboxUnavailable, match="internal error"):
-        await settle(store, d.event_id, Verdict.DELIVERED)
-    monkeypatch.setattr(store, "_settle_tx", original)
+    with monkeypatch.context() as patch:
+        patch.setattr(store._tx, "settle", broken)
+        with pytest.raises(OutboxUnavailable, match="internal error"):
+            await settle(store, d.event_id, Verdict.DELIVERED)
     assert (await store.append(event("T01", 2))).created
     await settle(store, d.event_id, Verdict.DELIVERED)
     assert (await store.stats()).sinks["cloud"].pending == 1
