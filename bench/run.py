@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Name -> module; each module exposes run(args) -> list[Row].
 BENCHMARKS: dict[str, str] = {
     "outbox": "bench.outbox_bench",
+    "relay": "bench.relay_bench",
 }
 COLUMNS = ("Figure", "Value", "Unit", "Peer", "Peer value", "Ratio", "Target", "Result")
 

@@ -100,8 +100,11 @@ def migrate(raw: Raw, path: Path) -> int:
     return int(version)
 
 
-def stream_heads(raw: Raw, sink: str) -> list[tuple[int, str, float, float]]:
-    """Each stream's oldest owed delivery for ``sink``: (event_id, state, next_at, created)."""
+def stream_heads(raw: Raw, sink: str) -> list[tuple[str, int, str, float, float]]:
+    """Each stream's oldest owed delivery for ``sink``.
+
+    Rows are (stream, event_id, state, next_attempt_at, created_at).
+    """
     # A skip-scan over the partial index: O(streams × log n), not a scan of the backlog.
     return [tuple(r) for r in fetchall(
         raw,
@@ -111,7 +114,7 @@ def stream_heads(raw: Raw, sink: str) -> list[tuple[int, str, float, float]]:
               SELECT (SELECT MIN(stream) FROM deliveries
                       WHERE sink = :sink AND {OWED} AND stream > s.stream)
               FROM s WHERE s.stream IS NOT NULL)
-            SELECT d.event_id, d.state, d.next_attempt_at, e.created_at
+            SELECT s.stream, d.event_id, d.state, d.next_attempt_at, e.created_at
             FROM s
             JOIN deliveries d ON d.sink = :sink AND d.event_id = (
                 SELECT MIN(event_id) FROM deliveries

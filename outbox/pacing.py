@@ -42,7 +42,13 @@ def retry_after_seconds(value: str | None, *, now: float, cap_s: float) -> float
 
 
 class TokenBucket:
-    """At most ``rate`` acquisitions per second on average, bursts up to ``burst``."""
+    """At most ``rate`` acquisitions per second on average, bursts up to ``burst``.
+
+    Kept as a theoretical arrival time (GCRA): each acquisition is given the slot
+    ``1/rate`` after the previous one's slot, not after the moment its waiter woke up, so
+    timer overshoot never lowers the long-run rate below ``rate`` (a classic bucket that
+    refills from "now" loses every overshoot, a few percent at 50/s).
+    """
 
     def __init__(self, rate: float, *, burst: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -51,19 +57,15 @@ class TokenBucket:
         self.rate = rate
         self.burst = max(1.0, burst)
         self._clock = clock
-        self._tokens = self.burst
-        self._updated = clock()
-        self._lock = asyncio.Lock()
+        self._interval = 1.0 / rate
+        self._tolerance = (self.burst - 1.0) * self._interval
+        self._next_slot = clock()
 
     async def acquire(self) -> None:
-        """Wait until a token is available and take it (callers are served in order)."""
-        async with self._lock:
-            while True:
-                now = self._clock()
-                self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
-                self._updated = now
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
-                    return
-                await asyncio.sleep((1.0 - self._tokens) / self.rate)
-
+        """Wait for this caller's slot (callers are served in the order they ask)."""
+        now = self._clock()
+        slot = max(self._next_slot, now)
+        self._next_slot = slot + self._interval
+        wait = slot - now - self._tolerance
+        if wait > 0:
+            await asyncio.sleep(wait)

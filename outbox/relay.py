@@ -93,6 +93,10 @@ class Relay:
         self._bucket = (TokenBucket(self.policy.rate_limit_per_s, clock=monotonic)
                         if self.policy.rate_limit_per_s else None)
         self._tasks: set[asyncio.Task[None]] = set()
+        # At most ``concurrency`` requests at once; up to as many more deliveries wait
+        # claimed, so a finished request is followed at once instead of after a claim's
+        # commit. Settling happens after the slot is given back, for the same reason.
+        self._sending = asyncio.Semaphore(self.policy.concurrency)
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._poke = asyncio.Event()  # interrupts waits: stop, recheck, finished attempts
@@ -185,7 +189,7 @@ class Relay:
         # Offline or paused: one probe at a time, so a dead sink costs one connection.
         if self.state in (SinkState.OFFLINE, SinkState.PAUSED):
             return 1
-        return self.policy.concurrency
+        return 2 * self.policy.concurrency  # half of them sending, half claimed and ready
 
     async def _wait(self, seconds: float | None, wakeup: asyncio.Event | None = None) -> None:
         self._poke.clear()
@@ -232,6 +236,10 @@ class Relay:
         await self._settle(settlement)
 
     async def _try(self, delivery: Delivery) -> Settlement | None:
+        async with self._sending:
+            return await self._send(delivery)
+
+    async def _send(self, delivery: Delivery) -> Settlement | None:
         if delivery.expires_at is not None and self._clock() >= delivery.expires_at:
             return Settlement(delivery.event_id, self.name, Verdict.DEAD, error=EXPIRED)
         if self._bucket is not None:

@@ -467,6 +467,7 @@ class Outbox:
         except sqlite3.Error as err:
             self._failure = OutboxUnavailable(f"cannot reopen {self.path}: {err}")
             raise self._failure from err
+        self._tx.heads.forget()  # read the heads afresh from what the disk holds
         log.warning("outbox: reopened %s after a write failure", self.path)
         self._failure = None
         return self._conn

@@ -29,7 +29,6 @@ from outbox.db import (
     migrate,
     release,
     rollback,
-    stream_heads,
 )
 from outbox.errors import (
     DedupeConflict,
@@ -38,6 +37,7 @@ from outbox.errors import (
     OutboxUnavailable,
     RecordTampered,
 )
+from outbox.heads import Heads
 from outbox.models import (
     Appended,
     Delivery,
@@ -109,6 +109,7 @@ class Transactions:
         # Reclaim skips its scan while nothing was delivered since it last found nothing.
         self.reclaim_hopeless = False
         self._broken: Raw | None = None  # the handle that last failed with an I/O error
+        self.heads = Heads()
 
     # -- open ------------------------------------------------------------------------------
 
@@ -161,6 +162,7 @@ class Transactions:
             raw.execute("COMMIT")
         except BaseException as err:
             rollback(raw)
+            self.heads.forget()  # it may hold changes that were just rolled back
             if isinstance(err, sqlite3.Error) and not is_full(err):
                 self._broken = raw
             raise
@@ -183,6 +185,7 @@ class Transactions:
             raise
         except Exception as err:  # handed to its caller, not swallowed
             raw.execute("ROLLBACK TO work")
+            self.heads.forget()
             outcome = err
         raw.execute("RELEASE work")
         return outcome
@@ -327,6 +330,8 @@ class Transactions:
         raw.executemany(
             "INSERT INTO deliveries (event_id, sink, stream, state, next_attempt_at, size,"
             " updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)", delivery_rows)
+        for event_id, sink, stream, now, _, _ in delivery_rows:
+            self.heads.appended(sink, stream, event_id, now)
         # The counters an insert trigger would keep, once per batch instead of once per row.
         raw.execute("UPDATE totals SET events = events + ?, bytes = bytes + ?",
                     (len(event_rows), plan.added_bytes))
@@ -411,9 +416,9 @@ class Transactions:
 
     def claim(self, raw: Raw, sink: str, limit: int, now: float) -> list[Delivery]:
         """Mark up to ``limit`` due stream heads of ``sink`` in flight; return them opened."""
-        heads = stream_heads(raw, sink)
-        due = sorted(event_id for event_id, state, next_at, _ in heads
-                     if state != DeliveryState.IN_FLIGHT and next_at <= now)[:limit]
+        heads = self.heads.of(raw, sink).values()
+        due = sorted(h.event_id for h in heads
+                     if h.state != DeliveryState.IN_FLIGHT and h.next_at <= now)[:limit]
         if not due:
             return []
         rows = fetchall(
@@ -435,17 +440,18 @@ class Transactions:
                 continue
             claimed.append(Delivery(event_id, sink, stream, kind, key, payload, attempts,
                                     bool(doubt), created, expires))
-        if tampered:
-            self.quarantine(raw, tampered)
         raw.executemany(
             "UPDATE deliveries SET state = 'in_flight', updated_at = ? WHERE event_id = ?"
             " AND sink = ?", [(now, d.event_id, sink) for d in claimed])
+        self.heads.claimed(sink, [d.event_id for d in claimed])
+        if tampered:
+            self.quarantine(raw, tampered)
         return claimed
 
     def next_due(self, raw: Raw, sink: str) -> float | None:
         """When the earliest claimable delivery for ``sink`` falls due; None if none is."""
-        times = [next_at for _, state, next_at, _ in stream_heads(raw, sink)
-                 if state != DeliveryState.IN_FLIGHT]
+        times = [h.next_at for h in self.heads.of(raw, sink).values()
+                 if h.state != DeliveryState.IN_FLIGHT]
         return min(times) if times else None
 
     def settle(self, raw: Raw, settlements: Sequence[Settlement]) -> None:
@@ -484,12 +490,21 @@ class Transactions:
                 "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, last_error = ?,"
                 " error_key_id = ?, updated_at = ? WHERE event_id = ? AND sink = ?"
                 " AND state = 'in_flight'", dead)
+        self._reread_heads(raw, [(s.event_id, s.sink) for s in settlements])
+
+    def _reread_heads(self, raw: Raw, keys: Sequence[tuple[int, str]]) -> None:
+        # Only a head can be in flight, so only streams whose head was touched can change.
+        for event_id, sink in keys:
+            stream = self.heads.stream_of(sink, event_id)
+            if stream is not None:
+                self.heads.reread(raw, sink, stream)
 
     def release_claimed(self, raw: Raw, keys: Sequence[tuple[int, str]]) -> None:
         """Give back claimed deliveries that were never attempted."""
         raw.executemany(
             "UPDATE deliveries SET state = CASE doubt WHEN 1 THEN 'in_doubt'"
             " ELSE 'pending' END WHERE event_id = ? AND sink = ? AND state = 'in_flight'", keys)
+        self._reread_heads(raw, keys)
 
     def quarantine(self, raw: Raw, event_ids: list[int]) -> None:
         """Park events whose payload failed authentication; they are never sent."""
@@ -498,6 +513,7 @@ class Transactions:
         raw.execute(
             "UPDATE deliveries SET state = 'quarantined', updated_at = ? WHERE event_id IN"
             f" ({marks}) AND state != 'delivered'", [self.clock(), *event_ids])
+        self.heads.forget()  # rare: rebuilt on next use
         for event_id in event_ids:
             log.error("outbox: event %d failed authentication; quarantined, will not be sent",
                       event_id)
@@ -522,6 +538,8 @@ class Transactions:
             "UPDATE deliveries SET state = CASE doubt WHEN 1 THEN 'in_doubt'"
             " ELSE 'pending' END, next_attempt_at = ?, updated_at = ?"
             f" WHERE {' AND '.join(where)}", [now, now, *params])
+        if cur.rowcount:
+            self.heads.forget()  # a requeued delivery may be older than its stream's head
         return cur.rowcount, sinks
 
     def reschedule(self, raw: Raw, sink: str, at: float | None) -> int:
@@ -530,6 +548,8 @@ class Transactions:
         cur = raw.execute(
             f"UPDATE deliveries SET next_attempt_at = ? WHERE sink = ? AND {schema.OWED}"
             " AND next_attempt_at > ?", (when, sink, when))
+        if cur.rowcount:
+            self.heads.forget()
         return cur.rowcount
 
     def stats(self, raw: Raw) -> OutboxStats:
@@ -542,7 +562,7 @@ class Transactions:
                      " ORDER BY sink"):
             oldest = None
             if pending or in_doubt:
-                created = [c for *_, c in stream_heads(raw, sink)]
+                created = [h.created for h in self.heads.of(raw, sink).values()]
                 oldest = max(0.0, now - min(created)) if created else None
             sinks[sink] = SinkStats(sink, pending, in_doubt, dead, quarantined, size, oldest)
         return OutboxStats(events, total, self.capacity_bytes, sinks)

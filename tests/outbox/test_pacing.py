@@ -70,3 +70,44 @@ async def test_token_bucket_serves_concurrent_callers_without_exceeding_the_rate
 def test_token_bucket_refuses_a_non_positive_rate():
     with pytest.raises(ValueError, match="rate"):
         TokenBucket(0)
+
+
+async def test_token_bucket_does_not_lose_rate_to_timer_overshoot():
+    """GIVEN a bucket at 50/s and a clock that the sleeps overshoot by 30% of a slot WHEN
+    100 acquisitions run back to back THEN the long-run rate is still 50/s, because slots
+    are scheduled from the previous slot, not from the late wake-up."""
+    now = [0.0]
+
+    async def late_sleep(seconds: float) -> None:
+        now[0] += seconds + 0.006  # every timer fires 6 ms late
+
+    bucket = TokenBucket(50.0, clock=lambda: now[0])
+    original = asyncio.sleep
+    try:
+        asyncio.sleep = late_sleep  # type: ignore[assignment]
+        for _ in range(101):
+            await bucket.acquire()
+    finally:
+        asyncio.sleep = original  # type: ignore[assignment]
+    assert 100 / now[0] == pytest.approx(50.0, rel=0.02)
+
+
+async def test_token_bucket_allows_a_burst_then_paces():
+    now = [0.0]
+    bucket = TokenBucket(10.0, burst=5, clock=lambda: now[0])
+    for _ in range(5):
+        await bucket.acquire()  # the burst: no waiting at all
+    assert now[0] == 0.0
+    slept: list[float] = []
+
+    async def record(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    original = asyncio.sleep
+    try:
+        asyncio.sleep = record  # type: ignore[assignment]
+        await bucket.acquire()
+    finally:
+        asyncio.sleep = original  # type: ignore[assignment]
+    assert slept == [pytest.approx(0.1)]
