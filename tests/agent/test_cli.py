@@ -2,54 +2,68 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
-from outbox import NewEvent, Outbox, Settlement, Verdict
+from conftest import write_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tillsync(*args: str) -> subprocess.CompletedProcess[str]:
+def tillsync(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "agent", *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=60, check=False)
+                          capture_output=True, timeout=120, check=False,
+                          env={**os.environ, **(env or {})})
 
 
-async def _fill(db: Path, key: Path) -> None:
-    store = await Outbox.open(db, key, create_key=True)
-    for seq in range(3):
-        await store.append(NewEvent("T01", "transaction", b"{}", ("cloud",), f"k{seq}"))
-    [d] = await store.claim("cloud", 1)
-    await store.settle([Settlement(d.event_id, "cloud", Verdict.DEAD, error="HTTP 422: no")])
-    await store.close()
-
-
-def test_outbox_stats_and_list_read_the_database(tmp_path: Path):
-    db, key = tmp_path / "outbox.db", tmp_path / "outbox.key"
-    asyncio.run(_fill(db, key))
-    stats = tillsync("outbox", "stats", "--db", str(db), "--key", str(key), "--json")
-    assert stats.returncode == 0, stats.stderr
-    [cloud] = json.loads(stats.stdout)["sinks"]
-    assert (cloud["pending"], cloud["dead"]) == (2, 1)
-    listed = tillsync("outbox", "list", "--db", str(db), "--key", str(key), "--state", "dead")
-    assert listed.returncode == 0 and "HTTP 422: no" in listed.stdout
-    assert len(listed.stdout.strip().splitlines()) == 1
-
-
-def test_a_failure_is_one_clear_line_without_traceback(tmp_path: Path):
-    db, key = tmp_path / "outbox.db", tmp_path / "outbox.key"
-    asyncio.run(_fill(db, key))
-    key.chmod(0o644)
-    result = tillsync("outbox", "stats", "--db", str(db), "--key", str(key))
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(key) in lines[0] and "chmod 600" in lines[0]
+def one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
     assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
 
 
-def test_help_and_version_answer():
-    assert "outbox" in tillsync("--help").stdout
+def test_help_lists_every_command_and_version_answers():
+    text = tillsync("--help").stdout
+    for command in ("demo", "init", "run", "check", "status", "outbox", "keys"):
+        assert command in text
     assert tillsync("--version").stdout.startswith("tillsync ")
+    assert "--seconds" in tillsync("demo", "--help").stdout
+
+
+def test_init_writes_a_working_setup_once_and_never_overwrites_the_key(tmp_path: Path):
+    target = tmp_path / "etc"
+    first = tillsync("init", "--dir", str(target))
+    assert first.returncode == 0, first.stderr
+    key = target / "outbox.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert "status token" in first.stdout and "terminal T01" in first.stdout
+    original = key.read_bytes()
+    again = tillsync("init", "--dir", str(target))
+    assert str(target) in one_line_failure(again)
+    assert key.read_bytes() == original
+
+
+def test_a_config_error_is_one_line_per_problem_with_exit_2(tmp_path: Path):
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace("[store]", "[store]\ncolour = 'blue'"))
+    result = tillsync("run", "--config", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "store.colour" in result.stderr
+
+
+def test_a_world_readable_key_stops_run_with_one_clear_line(tmp_path: Path):
+    config = write_config(tmp_path)
+    (tmp_path / "outbox.key").chmod(0o644)
+    line = one_line_failure(tillsync("run", "--config", str(config)))
+    assert "outbox.key" in line and "chmod 600" in line
+
+
+def test_status_without_an_agent_is_one_line(tmp_path: Path):
+    result = tillsync("status", "--url", "http://127.0.0.1:9", "--token", "x")
+    line = one_line_failure(result)
+    assert "127.0.0.1:9" in line

@@ -1,0 +1,436 @@
+"""The local HTTP API (CONTRACT §4): terminals post events, head office reads status.
+
+Every request passes two gates before its handler: the ``Host`` check (a page on some web
+site must not reach the agent through DNS rebinding) and, except for ``/healthz`` and
+``/readyz``, a bearer token compared in constant time. Every error leaves as
+``{"error": {"code", "message", "details"}}``; the codes are listed in ``openapi.json``.
+
+An event is answered ``202`` only after the outbox has committed it durably; the same event
+again gets ``200`` with the same body; a different event under the same ids gets ``409``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Literal
+
+from aiohttp import web
+
+from agent import canonical
+from agent.canonical import Accepted, InvalidEvent
+from outbox import (
+    DedupeConflict,
+    DeliveryState,
+    NewEvent,
+    OutboxClosed,
+    OutboxError,
+    OutboxFull,
+)
+
+if TYPE_CHECKING:
+    from agent.config import TerminalConfig
+    from agent.runtime import Agent
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 1024
+AGENT: web.AppKey[Agent] = web.AppKey("agent")
+TERMINAL: web.RequestKey[TerminalConfig | None] = web.RequestKey("terminal")
+Role = Literal["terminal", "status", "any"]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, snake_case code, message, optional details."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 details: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or []
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        """Render as the contract's error body."""
+        body = {"error": {"code": self.code, "message": self.message, "details": self.details}}
+        return web.json_response(body, status=self.status, headers=self.headers)
+
+
+# -- the application ---------------------------------------------------------------------
+
+
+def build_app(agent: Agent) -> web.Application:
+    """Build the aiohttp application with every route and both gates."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES,
+                          middlewares=[errors_middleware, host_middleware, auth_middleware])
+    app[AGENT] = agent
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_post("/v1/transactions", post_transaction)
+    app.router.add_post("/v1/inventory-adjustments", post_adjustment)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/devices", devices)
+    app.router.add_get("/v1/outbox", outbox_list)
+    app.router.add_post("/v1/outbox/retry-dead", outbox_retry_dead)
+    app.router.add_get("/v1/outbox/{event_id}", outbox_show)
+    app.router.add_post("/v1/outbox/{event_id}/retry", outbox_retry)
+    app.router.add_post("/v1/keys/rotate", keys_rotate)
+    return app
+
+
+# Who may call what; anything unlisted needs the status token.
+ROLES: dict[tuple[str, str], Role] = {
+    ("POST", "/v1/transactions"): "terminal",
+    ("POST", "/v1/inventory-adjustments"): "terminal",
+    ("GET", "/v1/devices"): "any",
+    ("GET", "/openapi.json"): "any",
+}
+
+
+# -- gates --------------------------------------------------------------------------------
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into the contract's JSON error body."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        _count_rejection(request, err.code)
+        return err.response()
+    except web.HTTPRequestEntityTooLarge:
+        _count_rejection(request, "too_large")
+        return ApiError(413, "too_large",
+                        f"the body is over the limit of {MAX_BODY_BYTES} bytes").response()
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status, "http_error")
+        return ApiError(err.status, code, err.reason, headers=_allow_header(err)).response()
+    except Exception:
+        log.exception("api: unexpected error in %s %s", request.method, request.path)
+        return ApiError(500, "internal_error", "internal error; see the agent's log").response()
+
+
+def _allow_header(err: web.HTTPException) -> dict[str, str]:
+    allow = err.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+def _count_rejection(request: web.Request, code: str) -> None:
+    agent = request.app[AGENT]
+    if request.method == "POST" and request.path in ("/v1/transactions",
+                                                     "/v1/inventory-adjustments"):
+        agent.metrics.event_rejected(code)
+
+
+@web.middleware
+async def host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a Host that is not this agent's (DNS rebinding from a browser)."""
+    if not host_allowed(request):
+        raise ApiError(421, "host_not_allowed",
+                       f"requests for host {request.host!r} are refused; use the agent's own"
+                       " address or add the name to api.allowed_hosts")
+    return await handler(request)
+
+
+def host_allowed(request: web.Request) -> bool:
+    """Tell whether the Host header names the listen address, localhost or this machine."""
+    host = _strip_port(request.headers.get("Host", ""))
+    if not host:
+        return False
+    agent = request.app[AGENT]
+    if host in agent.allowed_hosts:
+        return True
+    transport = request.transport
+    sockname: Any = transport.get_extra_info("sockname") if transport is not None else None
+    # The address the client connected to is this machine's by definition.
+    return isinstance(sockname, tuple) and _same_address(host, str(sockname[0]))
+
+
+def _strip_port(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _same_address(host: str, local: str) -> bool:
+    try:
+        return ipaddress.ip_address(host) == ipaddress.ip_address(local.split("%")[0])
+    except ValueError:
+        return False
+
+
+def own_host_names(listen_host: str, extra: list[str]) -> frozenset[str]:
+    """Names and addresses a legitimate request may carry in its Host header."""
+    names = {"localhost", "127.0.0.1", "::1", listen_host.lower(), *(h.lower() for h in extra)}
+    hostname = socket.gethostname().lower()
+    names |= {hostname, f"{hostname}.local"}
+    try:
+        names |= {str(info[4][0]).lower() for info in socket.getaddrinfo(hostname, None)}
+    except OSError:
+        pass  # no resolvable name: the connected-to address still counts
+    names.discard("0.0.0.0")  # noqa: S104  (a wildcard bind is not a name anyone uses)
+    names.discard("::")
+    return frozenset(names)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Require a bearer token for everything but the open probes."""
+    if request.path in OPEN_PATHS:
+        return await handler(request)
+    role = ROLES.get((request.method, request.path), "status")
+    if request.match_info.route.resource is None:
+        role = "status"  # unknown paths: no hint to anonymous callers what exists
+    token = _bearer(request)
+    agent = request.app[AGENT]
+    terminal = agent.terminal_for(token) if token else None
+    is_status = token is not None and hmac.compare_digest(
+        token.encode(), agent.status_token.encode())
+    if token is None:
+        raise ApiError(401, "unauthorized", "missing bearer token",
+                       headers={"WWW-Authenticate": 'Bearer realm="tillsync"'})
+    if terminal is None and not is_status:
+        raise ApiError(401, "unauthorized", "unknown token",
+                       headers={"WWW-Authenticate": 'Bearer realm="tillsync"'})
+    allowed = (role == "any" or (role == "terminal" and terminal is not None)
+               or (role == "status" and is_status))
+    if not allowed:
+        needed = "a terminal token" if role == "terminal" else "the status token"
+        raise ApiError(403, "forbidden", f"this endpoint needs {needed}")
+    request[TERMINAL] = terminal
+    return await handler(request)
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+# -- probes and documents ------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Answer while the process serves."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the outbox is open and writable."""
+    reasons = request.app[AGENT].not_ready_reasons()
+    if reasons:
+        return web.json_response({"status": "not_ready", "reasons": reasons}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """Serve the OpenAPI document kept in the repository."""
+    return web.Response(body=openapi_document(), content_type="application/json")
+
+
+def openapi_document() -> bytes:
+    """Return the bytes of ``agent/openapi.json``."""
+    return resources.files("agent").joinpath("openapi.json").read_bytes()
+
+
+async def status(request: web.Request) -> web.Response:
+    """CONTRACT §7 status."""
+    return web.json_response(await request.app[AGENT].status())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format."""
+    agent = request.app[AGENT]
+    agent.metrics.update(await agent.status())
+    body, content_type = agent.metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+async def devices(request: web.Request) -> web.Response:
+    """List configured devices with their state."""
+    return web.json_response({"devices": (await request.app[AGENT].status())["devices"]})
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+async def post_transaction(request: web.Request) -> web.Response:
+    """Accept a sale, refund or void."""
+    return await _ingest(request, canonical.parse_transaction)
+
+
+async def post_adjustment(request: web.Request) -> web.Response:
+    """Accept an inventory adjustment."""
+    return await _ingest(request, canonical.parse_adjustment)
+
+
+async def _ingest(request: web.Request, parse: Callable[[bytes], Accepted]) -> web.Response:
+    agent = request.app[AGENT]
+    terminal = request[TERMINAL]
+    assert terminal is not None  # the auth gate admits only terminal tokens here
+    body = await request.read()
+    try:
+        accepted = parse(body)
+    except InvalidEvent as err:
+        raise ApiError(422, err.code, err.message,
+                       [{"field": p.field, "code": p.code, "message": p.message}
+                        for p in err.problems]) from None
+    if accepted.terminal_id != terminal.id:
+        raise ApiError(403, "terminal_mismatch",
+                       f"this token belongs to terminal {terminal.id}, not"
+                       f" {accepted.terminal_id}",
+                       [{"field": "terminal_id", "code": "terminal_mismatch",
+                         "message": f"must be {terminal.id}"}])
+    store_id = agent.config.store.id
+    event = NewEvent(
+        stream=accepted.terminal_id, kind=accepted.kind,
+        payload=canonical.outbox_payload(store_id, accepted),
+        sinks=tuple(agent.config.sinks_for(accepted.kind)),
+        idempotency_key=canonical.idempotency_key(store_id, accepted.kind,
+                                                  accepted.terminal_id, accepted.object_id),
+        dedupe_key=canonical.dedupe_key(accepted.kind, accepted.terminal_id,
+                                        accepted.object_id))
+    try:
+        appended = await agent.store.append(event)
+    except DedupeConflict as err:
+        raise ApiError(409, "conflict",
+                       f"{accepted.kind} {accepted.object_id} of terminal {accepted.terminal_id}"
+                       f" was already accepted (event {err.event_id}) with different content;"
+                       " a correction needs a new id (e.g. a void and a new sale)") from None
+    except OutboxFull as err:
+        agent.note_full(str(err))
+        raise ApiError(507, "outbox_full",
+                       "the outbox is full; nothing accepted was dropped. Retry later.",
+                       headers={"Retry-After": "30"}) from None
+    except (OutboxClosed, OutboxError) as err:
+        raise ApiError(503, "outbox_unavailable", f"the outbox cannot accept events: {err}",
+                       headers={"Retry-After": "5"}) from None
+    agent.note_accepted()
+    if appended.created:
+        agent.metrics.event_received(accepted.kind)
+    answer = {"event_id": str(appended.event_id), "idempotency_key": appended.idempotency_key,
+              "status": "queued", "sinks": list(appended.sinks)}
+    return web.json_response(answer, status=202 if appended.created else 200)
+
+
+# -- admin ---------------------------------------------------------------------------------
+
+LIST_STATES = [s.value for s in DeliveryState]
+
+
+async def outbox_list(request: web.Request) -> web.Response:
+    """Deliveries in event order, filtered by state and sink, paged by event id."""
+    query = request.query
+    state = query.get("state")
+    if state is not None and state not in LIST_STATES:
+        raise ApiError(422, "validation_failed", "unknown state",
+                       [{"field": "state", "code": "invalid_choice",
+                         "message": f"must be one of {', '.join(LIST_STATES)}"}])
+    after = _int_param(query, "after", 0, 0, 2**62)
+    limit = _int_param(query, "limit", 100, 1, 1000)
+    rows = await request.app[AGENT].store.list_deliveries(
+        state=DeliveryState(state) if state else None, sink=query.get("sink"),
+        after_event_id=after, limit=limit)
+    items = [_delivery_json(asdict(r)) for r in rows]
+    next_after = rows[-1].event_id if len(rows) == limit else None
+    return web.json_response({"deliveries": items, "next_after": next_after})
+
+
+def _int_param(query: Any, name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(422, "validation_failed", f"bad {name}",
+                       [{"field": name, "code": "out_of_range",
+                         "message": f"must be an integer from {low} to {high}"}])
+    return value
+
+
+def _delivery_json(row: dict[str, Any]) -> dict[str, Any]:
+    row["event_id"] = str(row["event_id"])
+    row["state"] = str(row["state"])
+    return row
+
+
+async def outbox_show(request: web.Request) -> web.Response:
+    """One event, its payload decrypted (only here), and its deliveries."""
+    event_id = _event_id(request)
+    record = await request.app[AGENT].store.read(event_id)
+    if record is None:
+        raise ApiError(404, "not_found", f"no event {event_id}")
+    body = asdict(record)
+    payload = body.pop("payload")
+    body["event_id"] = str(body.pop("event_id"))
+    body["payload"] = _decode_payload(payload)
+    body["deliveries"] = [_delivery_json(d) for d in body["deliveries"]]
+    return web.json_response(body)
+
+
+def _decode_payload(payload: bytes | None) -> Any:
+    if payload is None:
+        return None
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return {"undecodable": payload.hex()}
+
+
+def _event_id(request: web.Request) -> int:
+    raw = request.match_info["event_id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise ApiError(404, "not_found", f"no event {raw!r}")
+    return int(raw)
+
+
+async def outbox_retry(request: web.Request) -> web.Response:
+    """Requeue one event's dead deliveries and re-check paused sinks."""
+    event_id = _event_id(request)
+    agent = request.app[AGENT]
+    if await agent.store.read(event_id) is None:
+        raise ApiError(404, "not_found", f"no event {event_id}")
+    count = await agent.store.requeue_dead(event_id=event_id)
+    await agent.recheck_sinks()
+    return web.json_response({"requeued": count})
+
+
+async def outbox_retry_dead(request: web.Request) -> web.Response:
+    """Requeue every dead delivery and re-check paused sinks."""
+    agent = request.app[AGENT]
+    count = await agent.store.requeue_dead()
+    await agent.recheck_sinks()
+    return web.json_response({"requeued": count})
+
+
+async def keys_rotate(request: web.Request) -> web.Response:
+    """Seal new records with a new data key; old keys stay while any record needs them."""
+    try:
+        key_id = await request.app[AGENT].store.rotate_key()
+    except OutboxError as err:
+        raise ApiError(503, "outbox_unavailable", f"cannot rotate the data key: {err}",
+                       headers={"Retry-After": "5"}) from None
+    return web.json_response({"key_id": key_id})

@@ -1,0 +1,379 @@
+"""``tillsync check``: is this machine ready to run the agent? One line per check.
+
+Every check only looks: the database is opened read-only (the agent may be running and the
+outbox has a single writer), sinks get one ``HEAD`` request without credentials, and the
+listen address is bound and released at once. A ``FAIL`` line says what, why and what to do;
+``warn`` is worth a look but does not stop the agent; the exit status is 1 when anything
+failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import socket
+import sqlite3
+import ssl
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+from rich.console import Console
+from rich.text import Text
+
+from agent.config import AgentConfig, ConfigError, load_config
+from outbox import schema
+from outbox.crypto import KeyRing, load_key_file
+from outbox.errors import KeyFileError, OutboxCorrupt
+from outbox.sinks.webhook import USER_AGENT
+
+Level = Literal["ok", "warn", "FAIL", "skip"]
+LEVEL_STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "skip": "dim"}
+
+LOW_DISK_BYTES = 1 << 30  # under this much free space the outbox may soon refuse events
+CLOCK_FAIL_S = 300.0  # webhook signatures are refused beyond 5 min of skew
+CLOCK_WARN_S = 30.0
+NAME_WIDTH = 12
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check, printed as one line."""
+
+    level: Level
+    name: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class SinkProbe:
+    """What probing one sink found; ``clock_offset_s`` > 0 means our clock is ahead."""
+
+    check: Check
+    clock_offset_s: float | None = None
+
+
+async def run_checks(config_path: Path, *, console: Console, timeout_s: float = 5.0) -> int:
+    """Check config, key, database, disk, sinks, clock, devices and listen address."""
+    failed = False
+
+    def report(check: Check) -> None:
+        nonlocal failed
+        failed = failed or check.level == "FAIL"
+        # soft_wrap: one check stays one line when piped (a terminal still wraps it).
+        console.print(_line(check), soft_wrap=True)
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        for problem in err.problems:
+            report(Check("FAIL", "config", problem))
+        report(Check("FAIL", "config", f"fix {config_path}, then run `tillsync check` again"))
+        return 1
+    report(Check("ok", "config", str(config_path)))
+
+    key_ok = check_key(config)
+    report(key_ok)
+    report(await asyncio.to_thread(check_database_blocking, config.outbox.path,
+                                   config.outbox.key_file, key_usable=key_ok.level == "ok"))
+    report(check_outbox_dir(config.outbox.path))
+
+    probes = await asyncio.gather(*(
+        probe_sink(sink.name, sink.url, sink.ca_bundle, timeout_s=timeout_s)
+        for sink in config.sinks))
+    for probe in probes:
+        report(probe.check)
+    report(check_clock(config, probes))
+
+    for device in config.devices:
+        state = "skipped: no drivers yet" if device.enabled else "skipped: disabled"
+        report(Check("skip", f"device {device.name}", f"{device.type} {device.url}: {state}"))
+
+    report(await check_listen(config.api.host, config.api.port, timeout_s=timeout_s))
+    return 1 if failed else 0
+
+
+def _line(check: Check) -> Text:
+    # Text, not markup: paths and server messages may hold "[" and must print as they are.
+    line = Text(f"{check.level:<5}", style=LEVEL_STYLE[check.level])
+    line.append(f" {check.name:<{NAME_WIDTH}} {check.detail}")
+    return line
+
+
+# -- key and database ---------------------------------------------------------------------
+
+
+def check_key(config: AgentConfig) -> Check:
+    """Check the key file exists, is private to its owner and holds a 32-byte key."""
+    key_file, db = config.outbox.key_file, config.outbox.path
+    if not key_file.exists() and _db_exists(db):
+        return Check("FAIL", "key", f"{key_file}: missing, but the database {db} exists: a new"
+                     " key would orphan its queue — restore the key file from backup; do not"
+                     " run `tillsync init`")
+    try:
+        load_key_file(key_file)
+    except KeyFileError as err:
+        return Check("FAIL", "key", f"{_strip_prefix(str(err), key_file)} — {err.hint}"
+                     if err.hint else _strip_prefix(str(err), key_file))
+    except OSError as err:
+        return Check("FAIL", "key", f"{key_file}: cannot read it ({err.strerror}) — run the"
+                     " check as root or as the agent's service user")
+    mode = "" if sys.platform == "win32" else f" (mode {key_file.stat().st_mode & 0o777:04o})"
+    return Check("ok", "key", f"{key_file}{mode}")
+
+
+def _strip_prefix(message: str, key_file: Path) -> str:
+    # KeyFileError says "key file PATH: why"; the line already says "key".
+    return message.removeprefix("key file ")
+
+
+def _db_exists(db: Path) -> bool:
+    # An empty file is what a crash during the first open leaves; Outbox.open treats it as new.
+    try:
+        return db.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def check_database_blocking(db: Path, key_file: Path, *, key_usable: bool) -> Check:
+    """Run ``quick_check`` on a read-only connection and unwrap every data key."""
+    if not _db_exists(db):
+        return Check("ok", "database", f"{db} does not exist yet: the agent creates it on its"
+                     " first start")
+    try:
+        # Read-only and never a writer: the agent may be running, and the outbox must have
+        # exactly one writer (SQLite's WAL-reset bug with several writers checkpointing).
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as err:
+        return Check("FAIL", "database", f"{db}: cannot open it read-only ({err}) — run the"
+                     " check as root or as the agent's service user")
+    try:
+        return _inspect_blocking(conn, db, key_file, key_usable=key_usable)
+    finally:
+        conn.close()
+
+
+def _inspect_blocking(conn: sqlite3.Connection, db: Path, key_file: Path, *,
+                      key_usable: bool) -> Check:
+    damaged = f" — {OutboxCorrupt.hint}"
+    try:
+        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            return Check("warn", "database", f"{db}: busy ({err}); try again in a moment")
+        return Check("FAIL", "database", f"{db}: unreadable: {err}{damaged}")
+    if problems != ["ok"]:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        first = " ".join(problems[0].split())[:200]
+        return Check("FAIL", "database", f"{db}: quick_check failed: {first}{more}{damaged}")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        rows = conn.execute("SELECT key_id, wrapped FROM data_keys ORDER BY key_id").fetchall()
+    except sqlite3.DatabaseError as err:
+        return Check("FAIL", "database", f"{db}: not a tillsync outbox ({err}) — check"
+                     " outbox.path")
+    if version > schema.LATEST:
+        return Check("FAIL", "database", f"{db}: schema version {version} is newer than this"
+                     f" tillsync knows ({schema.LATEST}) — run the version that wrote it")
+    if not key_usable:
+        return Check("warn", "database", f"{db}: quick_check ok; data keys not checked (the key"
+                     " file failed above)")
+    try:
+        ring = KeyRing(load_key_file(key_file), key_file)
+        for key_id, wrapped in rows:
+            ring.add_wrapped(int(key_id), bytes(wrapped))
+    except KeyFileError as err:
+        return Check("FAIL", "database", f"{_strip_prefix(str(err), key_file)} — {err.hint}")
+    keys = "data key unwraps" if len(rows) == 1 else "data keys unwrap"
+    return Check("ok", "database", f"{db} (quick_check ok, {len(rows)} {keys} with the key"
+                 " file)")
+
+
+def check_outbox_dir(db: Path) -> Check:
+    """Check the outbox directory (or where it will be created) is writable and roomy."""
+    directory = db.parent
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return Check("FAIL", "outbox dir", f"{existing} is not writable by this user — run the"
+                     " check as the agent's service user, or chown the directory to it")
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError as err:
+        return Check("warn", "outbox dir", f"{existing}: cannot measure free space"
+                     f" ({err.strerror})")
+    note = "" if existing == directory else " (will be created)"
+    if free < LOW_DISK_BYTES:
+        return Check("warn", "outbox dir", f"{directory}{note}: only {_gib(free)} free — the"
+                     " outbox refuses new events when the disk is full; free some space")
+    return Check("ok", "outbox dir", f"{directory}{note} writable, {_gib(free)} free")
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.1f} GiB"
+
+
+# -- sinks and clock ----------------------------------------------------------------------
+
+
+async def probe_sink(name: str, url: str, ca_bundle: Path | str | None, *,
+                     timeout_s: float) -> SinkProbe:
+    """Send one HEAD to the sink's URL: any HTTP answer means it is reachable."""
+    label = f"sink {name}"
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    # Only scheme, host, port and path: a query or user-info may hold a credential.
+    shown = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}" \
+            f"{parts.path}"
+    try:
+        context = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
+    except (OSError, ssl.SSLError) as err:
+        return SinkProbe(Check("FAIL", label, f"{shown}: ca_bundle {ca_bundle} cannot be used"
+                               f" ({getattr(err, 'strerror', None) or err}) — fix the path"))
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    connector = aiohttp.TCPConnector(ssl=context, force_close=True)
+    started = time.monotonic()
+    try:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
+                session.head(url, allow_redirects=False,
+                             headers={"User-Agent": USER_AGENT}) as resp:
+            answered_at = time.time()
+            status, date = resp.status, resp.headers.get("Date")
+    except TimeoutError:
+        return SinkProbe(Check("FAIL", label, f"{shown}: no answer from {host}:{port} within"
+                               f" {timeout_s:g} s — check the network, firewall or proxy"))
+    except aiohttp.ClientSSLError as err:
+        return SinkProbe(Check("FAIL", label, f"{shown}: TLS failed: {_ssl_reason(err)} — check"
+                               " the URL's host name, ca_bundle and this machine's clock"))
+    except aiohttp.ClientConnectorError as err:
+        return SinkProbe(Check("FAIL", label, f"{shown}: {_connect_reason(err, host, port)}"))
+    except aiohttp.ClientError as err:
+        return SinkProbe(Check("FAIL", label, f"{shown}: connected, but no HTTP answer"
+                               f" ({_one_line(str(err)) or type(err).__name__}) — check the URL"))
+    elapsed_ms = (time.monotonic() - started) * 1000
+    offset = _clock_offset(date, answered_at)
+    return SinkProbe(Check("ok", label, f"{shown} answered HTTP {status} in {elapsed_ms:.0f} ms"),
+                     offset)
+
+
+def _connect_reason(err: aiohttp.ClientConnectorError, host: str, port: int) -> str:
+    os_error = err.os_error
+    if isinstance(os_error, socket.gaierror) or type(err).__name__ == "ClientConnectorDNSError":
+        why = getattr(os_error, "strerror", None) or "name not found"
+        return f"{host} does not resolve ({why}) — check the URL and this machine's DNS"
+    if isinstance(os_error, ConnectionRefusedError) or getattr(os_error, "errno", None) == \
+            errno.ECONNREFUSED:
+        return (f"{host}:{port} refused the connection — is the service up? check the URL's"
+                " port and any firewall")
+    code = getattr(os_error, "errno", None)
+    # asyncio's strerror is "Connect call failed (...)"; the errno says what happened.
+    why = os.strerror(code) if code and code > 0 else _one_line(str(err))
+    return f"cannot connect to {host}:{port} ({why}) — check the network and the URL"
+
+
+def _ssl_reason(err: aiohttp.ClientSSLError) -> str:
+    cert_error = getattr(err, "certificate_error", None)
+    if cert_error is not None:
+        return str(getattr(cert_error, "verify_message", None) or cert_error)
+    os_error = getattr(err, "os_error", None)
+    reason = getattr(os_error, "reason", None)
+    return str(reason or os_error or err)
+
+
+def _clock_offset(date: str | None, local: float) -> float | None:
+    if not date:
+        return None
+    try:
+        return local - parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def check_clock(config: AgentConfig, probes: Sequence[SinkProbe]) -> Check:
+    """Compare our clock with the Date header of the first sink that answered."""
+    for sink, probe in zip(config.sinks, probes, strict=True):
+        offset = probe.clock_offset_s
+        if offset is None:
+            continue
+        way = "ahead of" if offset > 0 else "behind"
+        skew = f"{abs(offset):.0f} s {way} sink {sink.name}'s"
+        if abs(offset) > CLOCK_FAIL_S:
+            return Check("FAIL", "clock", f"this machine's clock is {skew} — fix time sync"
+                         " (timedatectl set-ntp true); signatures and TLS fail with a wrong"
+                         " clock")
+        if abs(offset) > CLOCK_WARN_S:
+            return Check("warn", "clock", f"this machine's clock is {skew}; check time sync"
+                         " (timedatectl)")
+        return Check("ok", "clock", f"within {max(1.0, abs(offset)):.0f} s of sink {sink.name}")
+    if not config.sinks:
+        return Check("skip", "clock", "skipped: no sinks to compare with")
+    return Check("warn", "clock", "not compared: no sink answered with a Date header")
+
+
+# -- listen address -----------------------------------------------------------------------
+
+
+async def check_listen(host: str, port: int, *, timeout_s: float) -> Check:
+    """Check the listen address can be bound, or that the agent already has it."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        await asyncio.to_thread(bind_blocking, host, port)
+    except socket.gaierror as err:
+        return Check("FAIL", "listen", f"{where}: {host} does not resolve ({err.strerror}) —"
+                     " fix api.listen")
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            ours = await _answers_healthz(host, port, timeout_s)
+            who = ("a tillsync agent answers there" if ours
+                   else "nothing answers /healthz there: another program?")
+            return Check("warn", "listen", f"{where} in use (is the agent running?) — {who}")
+        if err.errno == errno.EADDRNOTAVAIL:
+            return Check("FAIL", "listen", f"{where}: not an address of this machine — set"
+                         " api.listen to one of its addresses, or 0.0.0.0")
+        if err.errno == errno.EACCES:
+            return Check("FAIL", "listen", f"{where}: permission denied — use a port above"
+                         " 1023 in api.listen")
+        return Check("FAIL", "listen", f"{where}: cannot listen ({err.strerror or err}) — fix"
+                     " api.listen")
+    return Check("ok", "listen", f"{where} free")
+
+
+def bind_blocking(host: str, port: int) -> None:
+    """Bind (and release) every address ``host`` resolves to, as the agent's server would."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            # The same options asyncio's create_server sets, so a port in TIME_WAIT after
+            # an agent restart is not reported as taken.
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+
+
+async def _answers_healthz(host: str, port: int, timeout_s: float) -> bool:
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104  (wildcard bind)
+    target = "[::1]" if target == "::" else f"[{target}]" if ":" in target else target
+    timeout = aiohttp.ClientTimeout(total=min(timeout_s, 2.0))
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.get(f"http://{target}:{port}/healthz") as resp:
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return False
+    return resp.status == 200 and isinstance(body, dict) and body.get("status") == "ok"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

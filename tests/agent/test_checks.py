@@ -1,0 +1,305 @@
+"""`tillsync check` against real files, a real agent and real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import io
+import ipaddress
+import os
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from rich.console import Console
+from test_operator import Setup, free_port, make_setup, post_sale, running
+
+from agent.checks import run_checks
+from agent.config import load_config
+from agent.standin.cloud import StandinCloud
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def check(setup: Setup, timeout_s: float = 2.0) -> tuple[int, list[str]]:
+    out = io.StringIO()
+    code = await run_checks(setup.config_path, console=Console(file=out, width=300),
+                            timeout_s=timeout_s)
+    return code, out.getvalue().splitlines()
+
+
+def line(lines: list[str], level: str, name: str) -> str:
+    found = [ln for ln in lines if re.match(rf"{level}\s+{re.escape(name)}\s", ln)]
+    assert len(found) == 1, "\n".join(lines)
+    return found[0]
+
+
+def add_sink(setup: Setup, name: str, url: str, extra: str = "") -> None:
+    with setup.config_path.open("a") as f:
+        f.write(f'\n[[sinks]]\nname = "{name}"\ntype = "webhook"\nurl = "{url}"\n{extra}\n')
+
+
+@pytest.fixture
+async def cloud() -> AsyncIterator[StandinCloud]:
+    async with StandinCloud() as server:
+        yield server
+
+
+@pytest.fixture
+def setup(tmp_path: Path, cloud: StandinCloud) -> Setup:
+    return make_setup(tmp_path / "etc", cloud.url)
+
+
+async def used(setup: Setup, cloud: StandinCloud) -> None:
+    """Run the agent once so the database exists with a delivered sale in it."""
+    async with running(setup):
+        await post_sale(setup, 1)
+        await cloud.wait_for_effects(1)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- a good setup -------------------------------------------------------------------------
+
+
+async def test_a_good_setup_passes_with_one_line_per_check(setup: Setup,
+                                                           cloud: StandinCloud) -> None:
+    await used(setup, cloud)
+    before = digest(setup.db)
+    code, lines = await check(setup)
+    assert code == 0, "\n".join(lines)
+    assert str(setup.config_path) in line(lines, "ok", "config")
+    assert "(mode 0600)" in line(lines, "ok", "key")
+    assert "quick_check ok, 1 data key unwraps" in line(lines, "ok", "database")
+    assert "writable" in line(lines, "(ok|warn)", "outbox dir")
+    assert "answered HTTP" in line(lines, "ok", "sink cloud")
+    assert "of sink cloud" in line(lines, "ok", "clock")
+    assert "free" in line(lines, "ok", "listen")
+    assert all(re.match(r"(ok|warn|skip) ", ln) for ln in lines), lines
+    # Only looked: the database file is byte for byte what the agent left.
+    assert digest(setup.db) == before
+
+
+async def test_a_missing_database_is_fine_because_the_agent_creates_it(setup: Setup) -> None:
+    code, lines = await check(setup)
+    assert code == 0, "\n".join(lines)
+    assert "does not exist yet" in line(lines, "ok", "database")
+    assert not setup.db.exists()
+
+
+async def test_checking_a_running_agent_passes_and_warns_that_its_port_is_taken(
+        setup: Setup, cloud: StandinCloud) -> None:
+    async with running(setup):
+        await post_sale(setup, 1)
+        await cloud.wait_for_effects(1)
+        code, lines = await check(setup)
+        # The check never took the agent's place as writer: sales still go through.
+        await post_sale(setup, 2)
+        await cloud.wait_for_effects(2)
+    assert code == 0, "\n".join(lines)
+    listen = line(lines, "warn", "listen")
+    assert "in use (is the agent running?)" in listen
+    assert "a tillsync agent answers there" in listen
+    line(lines, "ok", "database")
+
+
+async def test_configured_devices_are_reported_as_skipped(setup: Setup) -> None:
+    with setup.config_path.open("a") as f:
+        f.write('\n[[devices]]\nname = "receipt"\ntype = "escpos"\n'
+                'url = "tcp://192.168.1.50:9100"\n')
+    code, lines = await check(setup)
+    assert code == 0
+    assert "skipped: no drivers yet" in line(lines, "skip", "device receipt")
+
+
+# -- failures -----------------------------------------------------------------------------
+
+
+async def test_a_config_error_prints_its_problems_and_stops(setup: Setup) -> None:
+    text = re.sub(r"(?m)^\[store\]$", "[store]\ncolour = 'blue'", setup.config_path.read_text())
+    setup.config_path.write_text(text)
+    code, lines = await check(setup)
+    assert code == 1
+    assert lines and all(ln.startswith("FAIL  config") for ln in lines), lines
+    assert any("store.colour" in ln for ln in lines)
+
+
+async def test_a_world_readable_key_fails_with_the_fix(setup: Setup) -> None:
+    key = load_key_path(setup)
+    key.chmod(0o644)
+    code, lines = await check(setup)
+    assert code == 1
+    fail = line(lines, "FAIL", "key")
+    assert "readable by group or other" in fail and f"chmod 600 {key}" in fail
+
+
+async def test_a_key_that_is_not_32_bytes_fails(setup: Setup) -> None:
+    key = load_key_path(setup)
+    key.write_text(base64.b64encode(b"short").decode())
+    code, lines = await check(setup)
+    assert code == 1
+    assert "holds 5 bytes, expected 32" in line(lines, "FAIL", "key")
+
+
+async def test_a_missing_key_beside_a_database_says_restore_it_not_create_one(
+        setup: Setup, cloud: StandinCloud) -> None:
+    await used(setup, cloud)
+    load_key_path(setup).unlink()
+    code, lines = await check(setup)
+    assert code == 1
+    fail = line(lines, "FAIL", "key")
+    assert "restore the key file from backup" in fail and "do not run `tillsync init`" in fail
+
+
+async def test_a_key_from_another_install_fails_the_database_check(
+        setup: Setup, cloud: StandinCloud) -> None:
+    await used(setup, cloud)
+    key = load_key_path(setup)
+    key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    code, lines = await check(setup)
+    assert code == 1
+    line(lines, "ok", "key")  # a valid key in itself, just not this database's
+    fail = line(lines, "FAIL", "database")
+    assert "does not match the database" in fail and "restore the key file" in fail
+
+
+async def test_a_damaged_database_fails(setup: Setup, cloud: StandinCloud) -> None:
+    await used(setup, cloud)
+    with setup.db.open("r+b") as f:
+        f.write(b"this is no longer an SQLite file" * 4)
+    code, lines = await check(setup)
+    assert code == 1
+    fail = line(lines, "FAIL", "database")
+    assert str(setup.db) in fail and "restore from backup" in fail
+
+
+async def test_a_database_with_a_damaged_page_fails_quick_check(
+        setup: Setup, cloud: StandinCloud) -> None:
+    async with running(setup):
+        for seq in range(1, 41):
+            await post_sale(setup, seq)
+        await cloud.wait_for_effects(40)
+    data = bytearray(setup.db.read_bytes())
+    page = int.from_bytes(data[16:18], "big") or 65536
+    assert len(data) >= 4 * page
+    data[2 * page:3 * page] = b"\xa5" * page  # a b-tree page of garbage
+    setup.db.write_bytes(bytes(data))
+    code, lines = await check(setup)
+    assert code == 1
+    assert "database" in line(lines, "FAIL", "database")
+
+
+async def test_a_sink_at_a_closed_port_fails_naming_it(setup: Setup) -> None:
+    port = free_port()
+    add_sink(setup, "erp", f"http://127.0.0.1:{port}/events?token=s3cret")
+    code, lines = await check(setup)
+    assert code == 1
+    fail = line(lines, "FAIL", "sink erp")
+    assert f"127.0.0.1:{port} refused the connection" in fail
+    assert "s3cret" not in fail  # a query may hold a credential: never printed
+    line(lines, "ok", "sink cloud")
+
+
+async def test_a_sink_whose_host_does_not_resolve_fails(setup: Setup) -> None:
+    add_sink(setup, "erp", "https://no-such-host.invalid/events")
+    code, lines = await check(setup)
+    assert code == 1
+    assert "no-such-host.invalid does not resolve" in line(lines, "FAIL", "sink erp")
+
+
+# -- TLS and clock ------------------------------------------------------------------------
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tillsync test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def serve_once(handler: Handler, ssl_context: ssl.SSLContext | None = None,
+                     ) -> tuple[web.AppRunner, int]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+    return runner, port
+
+
+async def test_an_untrusted_certificate_fails_and_its_ca_bundle_fixes_it(
+        setup: Setup, tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=405)
+
+    runner, port = await serve_once(answer, context)
+    try:
+        add_sink(setup, "erp", f"https://127.0.0.1:{port}/events")
+        code, lines = await check(setup)
+        assert code == 1
+        fail = line(lines, "FAIL", "sink erp")
+        assert "TLS failed" in fail and "certificate" in fail
+
+        text = setup.config_path.read_text()
+        setup.config_path.write_text(text + f'ca_bundle = "{cert}"\n')
+        code, lines = await check(setup)
+        assert code == 0, "\n".join(lines)
+        assert "answered HTTP 405" in line(lines, "ok", "sink erp")
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(("skew_s", "level"), [(-600, "FAIL"), (90, "warn")])
+async def test_a_clock_off_from_the_first_sink_is_reported(tmp_path: Path, skew_s: float,
+                                                         level: str) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        # The server's clock is off by -skew, so ours looks skew seconds ahead (or behind).
+        return web.Response(status=404, headers={"Date": formatdate(time.time() - skew_s,
+                                                                       usegmt=True)})
+
+    runner, port = await serve_once(answer)
+    try:
+        setup = make_setup(tmp_path / "etc", f"http://127.0.0.1:{port}/events")
+        code, lines = await check(setup)
+    finally:
+        await runner.cleanup()
+    assert code == (1 if level == "FAIL" else 0), "\n".join(lines)
+    clock = line(lines, level, "clock")
+    way = "ahead of" if skew_s > 0 else "behind"
+    shown = re.search(rf"clock is (\d+) s {way} sink cloud's", clock)
+    assert shown and abs(int(shown.group(1)) - abs(skew_s)) <= 2, clock
+
+
+def load_key_path(setup: Setup) -> Path:
+    return load_config(setup.config_path).outbox.key_file
