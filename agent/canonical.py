@@ -252,22 +252,29 @@ def _load(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise _json_problem("not_an_object",
                             f"the body must be a JSON object, not {_json_type(data)}")
-    _check_shape(data)
+    # Surrogates can only arrive as \u escapes (raw ones fail UTF-8 decoding above), so the
+    # strings of a body without one need no look; the depth walk runs either way.
+    _check_shape(data, surrogates="\\u" in text)
     return data
 
 
-def _check_shape(data: dict[str, Any]) -> None:
+def _check_shape(data: dict[str, Any], *, surrogates: bool = True) -> None:
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         value, depth = stack.pop()
-        if isinstance(value, dict | list) and depth > MAX_DEPTH:
-            raise _json_problem("too_deep", f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(value, dict):
+            if depth > MAX_DEPTH:
+                raise _json_problem("too_deep", f"nested deeper than {MAX_DEPTH} levels")
             for key, item in value.items():
-                _check_text(key)
-                stack.append((item, depth + 1))
+                if surrogates:
+                    _check_text(key)
+                if isinstance(item, dict | list) or (surrogates and isinstance(item, str)):
+                    stack.append((item, depth + 1))
         elif isinstance(value, list):
-            stack.extend((item, depth + 1) for item in value)
+            if depth > MAX_DEPTH:
+                raise _json_problem("too_deep", f"nested deeper than {MAX_DEPTH} levels")
+            stack.extend((item, depth + 1) for item in value
+                         if isinstance(item, dict | list) or (surrogates and isinstance(item, str)))
         elif isinstance(value, str):
             _check_text(value)
 
@@ -344,6 +351,8 @@ def _holds_card(text: str, runs: re.Pattern[str] = _DIGIT_RUN) -> bool:
     is found; a stretch must begin and end at the run's ends or at a group of 3 or more
     digits, as card groups are, which also keeps the scan linear on junk like "1 1 1 1 ...".
     """
+    if len(text) < 13:
+        return False  # 13 digits need 13 characters: most keys and values stop here
     for run in runs.finditer(text):
         if len(run.group()) >= 13 and _run_holds_card(_GROUP.findall(run.group())):
             return True

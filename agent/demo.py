@@ -27,6 +27,7 @@ from rich.live import Live
 from rich.table import Table
 
 from agent.config import AgentConfig, parse_config
+from agent.readiness import wait_until_ready
 from agent.runtime import serve
 from agent.standin.cloud import StandinCloud
 from outbox.crypto import create_key_file
@@ -81,7 +82,7 @@ async def _demo(root: Path, seconds: float, console: Console) -> int:
         base = f"http://127.0.0.1:{config.api.port}"
         tally = Tally()
         async with aiohttp.ClientSession() as http:
-            await _until_up(http, base, agent)
+            await wait_until_ready(base, timeout_s=10, failed=lambda: _exited(agent))
             console.print(f"[bold]tillsync demo[/]: agent on {base}, stand-in cloud on"
                           f" {cloud.base_url}, data in {root}")
             started = time.monotonic()
@@ -137,24 +138,17 @@ concurrency = 4
     return parse_config(text, source="demo", base_dir=root)
 
 
+def _exited(agent: asyncio.Task[None]) -> str | None:
+    if not agent.done():
+        return None
+    agent.result()  # the agent failed to start: raise why
+    return "the agent stopped"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-async def _until_up(http: aiohttp.ClientSession, base: str, agent: asyncio.Task[None]) -> None:
-    for _ in range(200):
-        if agent.done():
-            agent.result()  # the agent failed to start: show why
-        try:
-            async with http.get(f"{base}/readyz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise RuntimeError("the agent did not become ready within 10 s")
 
 
 def sale(till: str, seq: int, rng: random.Random) -> dict[str, Any]:

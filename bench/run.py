@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS: dict[str, str] = {
     "outbox": "bench.outbox_bench",
     "relay": "bench.relay_bench",
+    "agent": "bench.agent_bench",
 }
 COLUMNS = ("Figure", "Value", "Unit", "Peer", "Peer value", "Ratio", "Target", "Result")
 

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from agent.config import AgentConfig, load_config
+from agent.readiness import wait_until_ready
 from agent.runtime import serve
 from agent.standin.cloud import StandinCloud
 from outbox.crypto import create_key_file
@@ -120,6 +121,14 @@ class RunningAgent:
 StartAgent = Callable[..., Awaitable[RunningAgent]]
 
 
+def exited(task: asyncio.Task[None]) -> str | None:
+    """Why an in-process agent task can no longer come up (it finished), or None."""
+    if not task.done():
+        return None
+    task.result()  # raises why the agent could not start
+    return "the agent stopped"
+
+
 @pytest.fixture
 async def cloud() -> AsyncIterator[StandinCloud]:
     async with StandinCloud() as server:
@@ -139,17 +148,9 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[StartAgent]:
         task = asyncio.create_task(serve(config, stop=stop))
         agent = RunningAgent(config, path, http, stop, task)
         started.append(agent)
-        for _ in range(200):
-            if task.done():
-                task.result()
-            try:
-                code, _ = await agent.get("/readyz", who=None)
-                if code == 200:
-                    return agent
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        raise TimeoutError("the agent did not become ready")
+        await wait_until_ready(agent.url, timeout_s=10,
+                               failed=lambda: exited(task))
+        return agent
 
     yield _start
     for agent in started:

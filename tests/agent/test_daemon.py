@@ -19,6 +19,7 @@ import aiohttp
 from conftest import STATUS_TOKEN, TOKENS, sale, write_config
 
 from agent.config import load_config
+from agent.readiness import wait_until_ready
 from agent.standin.cloud import StandinCloud
 from outbox import Outbox
 
@@ -35,17 +36,8 @@ async def tillsync_run(config: Path, env: dict[str, str] | None = None,
         env={**os.environ, **(env or {})}, stderr=asyncio.subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                if proc.returncode is not None:
-                    raise RuntimeError(f"agent exited: {await proc.stderr.read()}")  # type: ignore[union-attr]
-                try:
-                    async with http.get(f"{base}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
+        await wait_until_ready(base, failed=lambda: None if proc.returncode is None
+                               else f"agent exited with {proc.returncode}")
         yield proc, base
     finally:
         if proc.returncode is None:

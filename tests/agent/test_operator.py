@@ -11,11 +11,11 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import conftest
 import pytest
 from rich.console import Console
 
@@ -30,6 +30,7 @@ from agent.operator import (
     render_status,
     status_command,
 )
+from agent.readiness import wait_until_ready
 from agent.runtime import serve
 from agent.standin.cloud import Fault, StandinCloud
 
@@ -78,17 +79,9 @@ def make_setup(directory: Path, sink_url: str | None) -> Setup:
 
 
 def sale(terminal: str, seq: int) -> dict[str, Any]:
-    """A valid sale (CONTRACT §5): two pens at 1.99."""
-    return {
-        "transaction_id": f"{terminal}-sale-{seq}", "terminal_id": terminal,
-        "type": "sale", "occurred_at": "2026-11-22T10:15:00+01:00", "currency": "EUR",
-        "lines": [{"sku": "4006381333931", "description": "Ballpoint pen", "quantity": "2",
-                   "unit_price": "1.99", "discount": "0.00", "tax_rate": "19"}],
-        "tenders": [{"method": "cash", "amount": "5.00",
-                     "change": str(Decimal("5.00") - Decimal("3.98"))}],
-        "total": "3.98",
-        "custom_fields": {"gift_message": "Happy birthday [bold]"},
-    }
+    """A valid sale whose custom field looks like rich markup (it must print verbatim)."""
+    return conftest.sale(terminal, seq, transaction_id=f"{terminal}-sale-{seq}",
+                         custom_fields={"gift_message": "Happy birthday [bold]"})
 
 
 @contextlib.asynccontextmanager
@@ -97,17 +90,7 @@ async def running(setup: Setup) -> AsyncIterator[None]:
     stop = asyncio.Event()
     task = asyncio.create_task(serve(load_config(setup.config_path), stop=stop))
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                if task.done():
-                    task.result()
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(setup.url + "/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                await asyncio.sleep(0.05)
-            else:
-                raise TimeoutError("the agent did not become ready")
+        await wait_until_ready(setup.url, timeout_s=10, failed=lambda: conftest.exited(task))
         yield
     finally:
         stop.set()
