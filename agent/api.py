@@ -25,6 +25,7 @@ from aiohttp import web
 
 from agent import canonical
 from agent.canonical import Accepted, InvalidEvent
+from agent.devices import MAX_WEIGHT_WAIT_S, DeviceRequestError, open_drawer, read_weight
 from outbox import (
     DedupeConflict,
     DeliveryState,
@@ -83,6 +84,8 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/devices", devices)
+    app.router.add_post("/v1/devices/{name}/drawer", device_drawer)
+    app.router.add_get("/v1/devices/{name}/weight", device_weight)
     app.router.add_get("/v1/outbox", outbox_list)
     app.router.add_post("/v1/outbox/retry-dead", outbox_retry_dead)
     app.router.add_get("/v1/outbox/{event_id}", outbox_show)
@@ -91,11 +94,14 @@ def build_app(agent: Agent) -> web.Application:
     return app
 
 
-# Who may call what; anything unlisted needs the status token.
+# Who may call what, by route (paths with {placeholders} as routed); anything unlisted needs
+# the status token.
 ROLES: dict[tuple[str, str], Role] = {
     ("POST", "/v1/transactions"): "terminal",
     ("POST", "/v1/inventory-adjustments"): "terminal",
     ("GET", "/v1/devices"): "any",
+    ("POST", "/v1/devices/{name}/drawer"): "terminal",
+    ("GET", "/v1/devices/{name}/weight"): "terminal",
     ("GET", "/openapi.json"): "any",
 }
 
@@ -194,9 +200,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Require a bearer token for everything but the open probes."""
     if request.path in OPEN_PATHS:
         return await handler(request)
-    role = ROLES.get((request.method, request.path), "status")
-    if request.match_info.route.resource is None:
-        role = "status"  # unknown paths: no hint to anonymous callers what exists
+    resource = request.match_info.route.resource
+    if resource is None:
+        role: Role = "status"  # unknown paths: no hint to anonymous callers what exists
+    else:
+        role = ROLES.get((request.method, resource.canonical), "status")
     token = _bearer(request)
     agent = request.app[AGENT]
     terminal = agent.terminal_for(token) if token else None
@@ -269,6 +277,46 @@ async def metrics(request: web.Request) -> web.Response:
 async def devices(request: web.Request) -> web.Response:
     """List configured devices with their state."""
     return web.json_response({"devices": (await request.app[AGENT].status())["devices"]})
+
+
+def _device_error(err: DeviceRequestError) -> ApiError:
+    headers = {"Retry-After": "2"} if err.status == 503 else None
+    return ApiError(err.status, err.code, err.message, err.details, headers=headers)
+
+
+async def device_drawer(request: web.Request) -> web.Response:
+    """Open a printer's cash drawer now, or fail with the printer's state; never queued."""
+    agent = request.app[AGENT]
+    name = request.match_info["name"]
+    terminal = request[TERMINAL]
+    who = terminal.id if terminal is not None else "?"
+    try:
+        await open_drawer(agent.devices, name)
+    except DeviceRequestError as err:
+        log.info("drawer of %s not opened for terminal %s: %s", name, who, err.message)
+        raise _device_error(err) from None
+    log.info("drawer of %s opened for terminal %s", name, who)
+    return web.json_response({"status": "opened"})
+
+
+async def device_weight(request: web.Request) -> web.Response:
+    """Return a stable weight from a scale, waiting up to ``wait_s`` for it to settle."""
+    raw = request.query.get("wait_s", "0")
+    try:
+        wait_s = float(raw)
+    except ValueError:
+        wait_s = -1.0
+    if not 0 <= wait_s <= MAX_WEIGHT_WAIT_S:  # also refuses nan
+        raise ApiError(422, "validation_failed", "bad wait_s",
+                       [{"field": "wait_s", "code": "out_of_range",
+                         "message": f"must be a number of seconds from 0 to "
+                                    f"{MAX_WEIGHT_WAIT_S:g}"}])
+    try:
+        weight = await read_weight(request.app[AGENT].devices, request.match_info["name"],
+                                   wait_s=wait_s)
+    except DeviceRequestError as err:
+        raise _device_error(err) from None
+    return web.json_response(weight.to_json())
 
 
 # -- events --------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from drivers.base import DeviceError
+from drivers.escpos.commands import drawer_pulse
+from drivers.escpos.printer import DEFAULT_OPTIONS as _ESCPOS
+from drivers.manager import DEFAULT_POLL_S, DEFAULT_RECONNECT_MAX_S, DEFAULT_RECONNECT_MIN_S
+from drivers.transport import parse_device_url
 from outbox.classify import OnConflict
 from outbox.sinks import SinkPolicy, WebhookSettings
 from outbox.sinks.base import (
@@ -442,23 +447,156 @@ SinkConfig = Annotated[WebhookSinkConfig, Field(discriminator="type")]
 # ---------------------------------------------------------------- [[devices]]
 
 
-class GenericDeviceConfig(_Section):
-    """A device the agent talks to; the drivers will give each type its own settings."""
+def _check_device_url(value: str) -> str:
+    try:
+        parse_device_url(value)
+    except DeviceError as err:
+        raise ValueError(str(err)) from None
+    return value
 
-    type: Literal["escpos", "scanner", "scale"] = Field(description=(
-        "Device type: \"escpos\" (receipt printer, with its cash drawer), \"scanner\" "
-        "(barcode scanner) or \"scale\"."))
+
+DeviceUrl = Annotated[str, Field(pattern=DEVICE_URL_PATTERN), AfterValidator(_check_device_url)]
+
+
+class _DeviceSection(_Section):
+    """Keys every device type shares: name, url, enabled and the supervision pace."""
+
+    type: str = Field(description="Device type.")  # narrowed by each type; listed first
     name: str = Field(pattern=NAME_PATTERN, examples=["receipt"], description=(
         "Unique name of the device; terminals use it, e.g. as the printer of /v1/print."))
-    url: str = Field(pattern=DEVICE_URL_PATTERN, examples=["tcp://192.168.1.50:9100"], description=(
+    url: DeviceUrl = Field(examples=["tcp://192.168.1.50:9100"], description=(
         "How to reach the device: `tcp://host:port`, `serial:///dev/ttyUSB0?baudrate=19200` "
         "or `usb://04b8:0202` (vendor:product)."))
     enabled: bool = Field(default=True, description=(
         "false keeps the entry but leaves the device alone (status shows it as disabled)."))
+    poll_s: float = Field(default=DEFAULT_POLL_S, gt=0, le=3600, description=(
+        "Seconds between status checks while the device answers; a change (paper out, "
+        "unplugged) shows in status within this time."))
+    reconnect_max_s: float = Field(default=DEFAULT_RECONNECT_MAX_S, gt=0, le=300, description=(
+        "Longest wait between reconnect attempts while the device is away; attempts start "
+        f"at {DEFAULT_RECONNECT_MIN_S:g} s and double up to this, so a replugged device is "
+        "back within this time."))
+
+    @property
+    def kind(self) -> str:
+        """Return the device kind shown in status and metrics (printer, scanner, scale)."""
+        raise NotImplementedError
+
+    def driver_type(self) -> str:
+        """Return the `tillsync.drivers` entry point name of this device's driver."""
+        raise NotImplementedError
+
+    def driver_options(self) -> dict[str, Any]:
+        """Return the driver's own options (the keys below the shared ones)."""
+        shared = set(_DeviceSection.model_fields) | {"type"}
+        return {key: getattr(self, key) for key in type(self).model_fields
+                if key not in shared}
+
+
+class EscposDeviceConfig(_DeviceSection):
+    """An ESC/POS receipt printer, and the cash drawer on its kick-out connector."""
+
+    type: Literal["escpos"] = Field(description=(
+        "Device type: \"escpos\" (receipt printer, with its cash drawer)."))
+    connect_timeout_s: float = Field(default=_ESCPOS["connect_timeout_s"], gt=0, le=60,
+                                     description="Seconds to wait for the connection to open.")
+    status_timeout_s: float = Field(default=_ESCPOS["status_timeout_s"], gt=0, le=60, description=(
+        "A printer silent for longer than this after a status request is \"not responding\" "
+        "(some clones never answer; they are never reported as OK)."))
+    idle_close_s: float = Field(default=_ESCPOS["idle_close_s"], gt=0, le=3600, description=(
+        "TCP only: release the connection after this many idle seconds; a network printer "
+        "serves one client at a time."))
+    completion: Literal["auto", "process_id", "status"] = Field(
+        default=_ESCPOS["completion"], description=(
+            "How a printed job is confirmed: `process_id` (GS ( H answer), `status` (a clean "
+            "status after sending), or `auto` (process_id if the printer answers it at "
+            "connect)."))
+    drawer_pin: Literal[2, 5] = Field(default=_ESCPOS["drawer_pin"], description=(
+        "Kick-out connector pin the cash drawer is wired to (2 for most drawers, 5 for a "
+        "second drawer)."))
+    drawer_on_ms: int = Field(default=_ESCPOS["drawer_on_ms"], ge=2, le=510, description=(
+        "Drawer pulse length in ms (even). With drawer_off_ms the duty cycle must stay at "
+        "or under 20 % to protect the solenoid."))
+    drawer_off_ms: int = Field(default=_ESCPOS["drawer_off_ms"], ge=0, le=510, description=(
+        "Pause after the drawer pulse in ms (even); at least 4 × drawer_on_ms."))
+    drawer_open_when: Literal["high", "low"] = Field(
+        default=_ESCPOS["drawer_open_when"], description=(
+            "Level of the drawer switch (pin 3) that means \"open\"; depends on the drawer."))
+
+    @model_validator(mode="after")
+    def _drawer_pulse(self) -> EscposDeviceConfig:
+        try:
+            drawer_pulse(self.drawer_pin, self.drawer_on_ms, self.drawer_off_ms)
+        except ValueError as err:
+            raise _Problem(str(err), "drawer_on_ms") from None
+        return self
+
+    @property
+    def kind(self) -> str:
+        """Return "printer"."""
+        return "printer"
+
+    def driver_type(self) -> str:
+        """Return "escpos"."""
+        return "escpos"
+
+
+class ScannerDeviceConfig(_DeviceSection):
+    """A barcode scanner on a serial or USB-CDC port; its scans go to /v1/events/stream."""
+
+    type: Literal["scanner"] = Field(description="Device type: \"scanner\" (barcode scanner).")
+    suffix: Literal["CR", "LF", "CRLF", "TAB", "NONE"] = Field(default="CR", description=(
+        "The suffix the scanner is programmed to send after each scan; NONE ends a scan "
+        "when the line stays quiet for idle_timeout_s."))
+    idle_timeout_s: float = Field(default=0.05, gt=0, le=5, description=(
+        "With suffix NONE: a scan ends after this many quiet seconds."))
+    frame_timeout_s: float = Field(default=0.5, gt=0, le=60, description=(
+        "A partial scan without its suffix for this long is dropped (and logged: is the "
+        "scanner's suffix set as configured?)."))
+
+    @property
+    def kind(self) -> str:
+        """Return "scanner"."""
+        return "scanner"
+
+    def driver_type(self) -> str:
+        """Return "scanner"."""
+        return "scanner"
+
+    def driver_options(self) -> dict[str, Any]:
+        """Return the scanner's options; its port reopens at the shared reconnect pace."""
+        return {**super().driver_options(), "reconnect_max_s": self.reconnect_max_s}
+
+
+class ScaleDeviceConfig(_DeviceSection):
+    """A retail scale on a serial port; /v1/devices/{name}/weight reads it."""
+
+    type: Literal["scale"] = Field(description="Device type: \"scale\".")
+    protocol: Literal["toledo8217", "nci", "cas"] = Field(default="toledo8217", description=(
+        "What the scale speaks: `toledo8217` (Mettler-Toledo 8217, also most scanner-scales), "
+        "`nci` (NCI / Avery Weigh-Tronix) or `cas` (CAS ECR). Line settings the url does not "
+        "give default to the protocol's."))
+    unit: Literal["kg", "lb"] | None = Field(default=None, description=(
+        "Unit of the weight when the scale does not send one (8217). Not set: told by the "
+        "number of decimals (3 kg, 2 lb)."))
+
+    @property
+    def kind(self) -> str:
+        """Return "scale"."""
+        return "scale"
+
+    def driver_type(self) -> str:
+        """Return the protocol: each protocol has its own driver."""
+        return self.protocol
+
+    def driver_options(self) -> dict[str, Any]:
+        """Return the scale driver's options (only a configured unit)."""
+        return {} if self.unit is None else {"unit": self.unit}
 
 
 # Add a device type the same way as a sink type; unknown types fail listing the known ones.
-DeviceConfig = Annotated[GenericDeviceConfig, Field(discriminator="type")]
+AnyDeviceConfig = EscposDeviceConfig | ScannerDeviceConfig | ScaleDeviceConfig
+DeviceConfig = Annotated[AnyDeviceConfig, Field(discriminator="type")]
 
 
 # ---------------------------------------------------------------- [logging] and the root
@@ -489,7 +627,7 @@ class AgentConfig(_Section):
 
     @field_validator("devices")
     @classmethod
-    def _unique_devices(cls, devices: list[GenericDeviceConfig]) -> list[GenericDeviceConfig]:
+    def _unique_devices(cls, devices: list[AnyDeviceConfig]) -> list[AnyDeviceConfig]:
         _unique(devices, "name", "device name", "devices")
         return devices
 

@@ -3,8 +3,10 @@
 Start order (each an aiohttp cleanup context, so stop runs in exactly the reverse order):
 
 1. the outbox (a missing or wrong key, a damaged file: the agent does not start);
-2. one relay per sink;
-3. the scheduler: retention purge, daily database check, disk-space check, watchdog.
+2. the device manager: one supervisor per enabled device (a device that is away, or a bad
+   device entry, is shown in status and never stops the agent);
+3. one relay per sink;
+4. the scheduler: retention purge, daily database check, disk-space check, watchdog.
 
 Then the listening socket opens and systemd hears ``READY=1``; on stop, ``STOPPING=1``.
 
@@ -20,8 +22,9 @@ import asyncio
 import logging
 import shutil
 import signal
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -29,10 +32,13 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent.api import build_app, own_host_names
 from agent.config import AgentConfig, TerminalConfig
+from agent.devices import build_manager, status_rows
 from agent.lockfile import exclusive
 from agent.metrics import Metrics
 from agent.sdnotify import Notifier
 from agent.status import DeviceStatus, build_status
+from drivers.base import Driver
+from drivers.manager import DeviceManager
 from outbox import Outbox, OutboxError
 from outbox.relay import Relay
 from outbox.sinks import WebhookSink
@@ -51,13 +57,17 @@ class Agent:
     """Everything one running agent owns."""
 
     def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None,
-                 stop_grace_s: float = 8.0) -> None:
+                 stop_grace_s: float = 8.0,
+                 drivers: Mapping[str, type[Driver]] | None = None) -> None:
         self.config = config
         self.metrics = Metrics(package_version())
         self.notifier = notifier or Notifier()
         self.stop_grace_s = stop_grace_s
         self.store: Outbox = None  # type: ignore[assignment]  # set by the first context
         self.relays: dict[str, Relay] = {}
+        # Built now so status can show every device (``drivers``: tests pass a registry; by
+        # default the ``tillsync.drivers`` entry points); supervised from _devices_ctx on.
+        self.devices: DeviceManager = build_manager(config.devices, drivers)
         self.started_at = time.time()
         self.status_token = config.api.status_token.get_secret_value()
         self.allowed_hosts = own_host_names(config.api.host, list(config.api.allowed_hosts))
@@ -72,7 +82,8 @@ class Agent:
     def app(self) -> web.Application:
         """Build the aiohttp application with this agent's lifecycle attached."""
         app = build_app(self)
-        app.cleanup_ctx.extend([self._outbox_ctx, self._relays_ctx, self._scheduler_ctx])
+        app.cleanup_ctx.extend([self._outbox_ctx, self._devices_ctx, self._relays_ctx,
+                                self._scheduler_ctx])
         return app
 
     async def _outbox_ctx(self, app: web.Application) -> AsyncIterator[None]:
@@ -86,6 +97,13 @@ class Agent:
             finally:
                 await self.store.close()
                 log.info("outbox closed")
+
+    async def _devices_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        await self.devices.start()
+        try:
+            yield
+        finally:
+            await self.devices.stop()
 
     async def _relays_ctx(self, app: web.Application) -> AsyncIterator[None]:
         for sink_cfg in self.config.sinks:
@@ -207,10 +225,8 @@ class Agent:
             alert_after_s=self.config.store.alert_after_s)
 
     def device_statuses(self) -> list[DeviceStatus]:
-        """Devices and their state (drivers arrive with their own issue)."""
-        return [DeviceStatus(d.name, d.type, "disabled" if not d.enabled else "disconnected",
-                             "no driver for this device type yet", None)
-                for d in self.config.devices]
+        """Devices and their state, as the device manager last saw them."""
+        return status_rows(self.devices)
 
     async def recheck_sinks(self) -> None:
         """Re-check every sink now (an operator asked for a retry)."""
@@ -218,9 +234,10 @@ class Agent:
 
 
 async def serve(config: AgentConfig, *, notifier: Notifier | None = None,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None,
+                drivers: Mapping[str, type[Driver]] | None = None) -> None:
     """Run the agent until ``stop`` is set or SIGTERM/SIGINT arrives."""
-    agent = Agent(config, notifier=notifier)
+    agent = Agent(config, notifier=notifier, drivers=drivers)
     runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_BUDGET_S)
     stop = stop or asyncio.Event()
@@ -229,7 +246,10 @@ async def serve(config: AgentConfig, *, notifier: Notifier | None = None,
         try:
             loop.add_signal_handler(signum, stop.set)
         except (NotImplementedError, RuntimeError):
-            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop.set))
+            # Windows has no loop signal handlers; and a Windows service runs us on the
+            # service manager's thread, where signals cannot be set (it stops us itself).
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop.set))
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.api.host, config.api.port)

@@ -141,11 +141,13 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[StartAgent]:
     started: list[RunningAgent] = []
     http = aiohttp.ClientSession()
 
-    async def _start(**config_args: Any) -> RunningAgent:
+    async def _start(drivers: Any = None, **config_args: Any) -> RunningAgent:
+        # drivers: a device driver registry ({"escpos": EscposPrinterDriver}); None means the
+        # installed `tillsync.drivers` entry points.
         path = write_config(tmp_path, **config_args)
         config = load_config(path)
         stop = asyncio.Event()
-        task = asyncio.create_task(serve(config, stop=stop))
+        task = asyncio.create_task(serve(config, stop=stop, drivers=drivers))
         agent = RunningAgent(config, path, http, stop, task)
         started.append(agent)
         await wait_until_ready(agent.url, timeout_s=10,

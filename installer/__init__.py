@@ -1,0 +1,1 @@
+"""Installers for tillsync: ``python -m installer.linux`` (systemd); the Windows MSI in windows/."""
