@@ -675,8 +675,9 @@ def parse_config(text: str, *, source: str, base_dir: Path,
 def validate_config(data: Mapping[str, Any], *, source: str, base_dir: Path,
                     environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Validate an already parsed TOML document; ConfigError lists every problem."""
-    resolver = _SecretResolver(base_dir.absolute(), os.environ if environ is None else environ)
-    resolved = resolver.model(dict(data), AgentConfig, ())
+    env = os.environ if environ is None else environ
+    resolver = _SecretResolver(base_dir.absolute(), env)
+    resolved = _key_from_credentials(resolver.model(dict(data), AgentConfig, ()), env)
     problems = resolver.problems
     config = None
     try:
@@ -688,6 +689,24 @@ def validate_config(data: Mapping[str, Any], *, source: str, base_dir: Path,
     if problems or config is None:
         raise ConfigError([f"{source}: {problem}" for problem in problems])
     return config
+
+
+def _key_from_credentials(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Take a relative ``outbox.key_file`` from ``$CREDENTIALS_DIRECTORY`` when it is there.
+
+    The outbox key is a secret like the tokens: under systemd, ``LoadCredential=`` hands it in
+    on a private ramfs, so the service never needs read access to the copy in /etc.
+    """
+    outbox = data.get("outbox")
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if not (isinstance(outbox, dict) and credentials):
+        return data
+    key = outbox.get("key_file")
+    if isinstance(key, str) and key and not Path(key).is_absolute():
+        candidate = Path(credentials) / key
+        if candidate.is_file():
+            data = {**data, "outbox": {**outbox, "key_file": str(candidate)}}
+    return data
 
 
 def _parse_toml(text: str, source: str) -> dict[str, Any]:

@@ -608,3 +608,20 @@ def test_the_minimal_file_in_the_reference_loads(tmp_path: Path):
 def test_configdoc_prints_the_reference(capsys: pytest.CaptureFixture[str]):
     assert configdoc.main([]) == 0
     assert capsys.readouterr().out == configdoc.render_reference()
+
+
+def test_a_relative_key_file_comes_from_the_systemd_credentials_directory(tmp_path):
+    """LoadCredential=outbox.key:… puts the key in $CREDENTIALS_DIRECTORY; a relative
+    key_file names it there first, else next to the config file."""
+    from agent.config import parse_config
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "outbox.key").write_text("x")
+    text = ('[store]\nid = "s1"\n[api]\nstatus_token = "status-token-123456"\n'
+            '[outbox]\npath = "/var/lib/tillsync/outbox.db"\nkey_file = "outbox.key"\n')
+    via_systemd = parse_config(text, source="agent.toml", base_dir=tmp_path / "etc",
+                               environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert via_systemd.outbox.key_file == creds / "outbox.key"
+    by_hand = parse_config(text, source="agent.toml", base_dir=tmp_path / "etc", environ={})
+    assert by_hand.outbox.key_file == tmp_path / "etc" / "outbox.key"
