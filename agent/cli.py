@@ -81,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         _remote_args(sub, direct=True)
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    printing = commands.add_parser("print", help="render a receipt to a PNG to look at",
+                                   description="Render the receipt of a transaction (CONTRACT"
+                                   " §5) to the ESC/POS bytes a printer gets, and draw them as"
+                                   " a PNG of the paper strip. Nothing is sent to a printer.")
+    printing.add_argument("--preview", type=Path, required=True, metavar="OUT.png",
+                          help="where to write the PNG")
+    printing.add_argument("--transaction", type=Path, default=None, metavar="FILE.json",
+                          help="the transaction (a POST /v1/transactions body; default: a"
+                               " built-in sample)")
+    printing.add_argument("--width", type=int, choices=[58, 80], default=80,
+                          help="paper width in mm (default 80)")
+    printing.add_argument("--store-name", default="Store",
+                          help="the name printed at the top (default: Store)")
+
     keys = commands.add_parser("keys", help="outbox encryption keys")
     key_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
     rotate = key_actions.add_parser("rotate", help="new data key for new records; old keys"
@@ -157,6 +171,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _init(args)
     if args.command == "run":
         return _run(args)
+    if args.command == "print":
+        return _print_preview(args)
     if args.command == "check":
         from rich.console import Console
 
@@ -186,6 +202,22 @@ def _init(args: argparse.Namespace) -> int:
     print(f"next: edit {result.config_path}, then `tillsync check --config"
           f" {result.config_path}` and `tillsync run --config {result.config_path}`")
     print(f"keep a backup of {result.key_path}: without it the queued events cannot be read")
+    return 0
+
+
+def _print_preview(args: argparse.Namespace) -> int:
+    from agent import preview
+
+    try:
+        txn = (preview.load_transaction(args.transaction) if args.transaction
+               else preview.SAMPLE_TRANSACTION)
+        image = preview.render_receipt_png(txn, args.preview, width_mm=args.width,
+                                           store_name=args.store_name)
+    except preview.PreviewError as err:
+        print(f"tillsync: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote the receipt of {txn['transaction_id']} ({args.width} mm,"
+          f" {image.width}×{image.height} px) to {args.preview}")
     return 0
 
 
