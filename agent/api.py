@@ -26,6 +26,8 @@ from aiohttp import web
 from agent import canonical
 from agent.canonical import Accepted, InvalidEvent
 from agent.devices import MAX_WEIGHT_WAIT_S, DeviceRequestError, open_drawer, read_weight
+from agent.printing import PrintRequestError
+from agent.stream import register as register_stream
 from outbox import (
     DedupeConflict,
     DeliveryState,
@@ -81,6 +83,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/openapi.json", openapi)
     app.router.add_post("/v1/transactions", post_transaction)
     app.router.add_post("/v1/inventory-adjustments", post_adjustment)
+    app.router.add_post("/v1/print", post_print)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/devices", devices)
@@ -91,6 +94,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/outbox/{event_id}", outbox_show)
     app.router.add_post("/v1/outbox/{event_id}/retry", outbox_retry)
     app.router.add_post("/v1/keys/rotate", keys_rotate)
+    register_stream(app)
     return app
 
 
@@ -99,6 +103,8 @@ def build_app(agent: Agent) -> web.Application:
 ROLES: dict[tuple[str, str], Role] = {
     ("POST", "/v1/transactions"): "terminal",
     ("POST", "/v1/inventory-adjustments"): "terminal",
+    ("POST", "/v1/print"): "terminal",
+    ("GET", "/v1/events/stream"): "terminal",
     ("GET", "/v1/devices"): "any",
     ("POST", "/v1/devices/{name}/drawer"): "terminal",
     ("GET", "/v1/devices/{name}/weight"): "terminal",
@@ -378,6 +384,28 @@ async def _ingest(request: web.Request, parse: Callable[[bytes], Accepted]) -> w
         agent.metrics.event_received(accepted.kind)
     answer = {"event_id": str(appended.event_id), "idempotency_key": appended.idempotency_key,
               "status": "queued", "sinks": list(appended.sinks)}
+    return web.json_response(answer, status=202 if appended.created else 200)
+
+
+async def post_print(request: web.Request) -> web.Response:
+    """Queue a print job on a named printer (agent.printing); 202 once durably queued."""
+    agent = request.app[AGENT]
+    terminal = request[TERMINAL]
+    assert terminal is not None  # the auth gate admits only terminal tokens here
+    try:
+        job_id, appended = await agent.queue_print(terminal.id, await request.read())
+    except PrintRequestError as err:
+        raise ApiError(err.status, err.code, err.message, err.details) from None
+    except OutboxFull as err:
+        agent.note_full(str(err))
+        raise ApiError(507, "outbox_full",
+                       "the outbox is full; nothing accepted was dropped. Retry later.",
+                       headers={"Retry-After": "30"}) from None
+    except (OutboxClosed, OutboxError) as err:
+        raise ApiError(503, "outbox_unavailable", f"the outbox cannot accept jobs: {err}",
+                       headers={"Retry-After": "5"}) from None
+    agent.note_accepted()
+    answer = {"job_id": job_id, "status": "queued", "event_id": str(appended.event_id)}
     return web.json_response(answer, status=202 if appended.created else 200)
 
 

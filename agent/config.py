@@ -175,6 +175,11 @@ class StoreConfig(_Section):
     alert_after_s: float = Field(default=900.0, gt=0, description=(
         "Status turns \"degraded\" when the oldest undelivered event is older than this "
         "many seconds."))
+    name: str | None = Field(default=None, min_length=1, max_length=64,
+                             pattern=r"^[^\x00-\x1f\x7f-\x9f]+$",
+                             examples=["Corner Shop Rosenheim"], description=(
+        "Printed at the top of every receipt (POST /v1/print); at most 64 characters. "
+        "Not set: the store id."))
 
 
 # ---------------------------------------------------------------- [api]
@@ -522,6 +527,9 @@ class EscposDeviceConfig(_DeviceSection):
     drawer_open_when: Literal["high", "low"] = Field(
         default=_ESCPOS["drawer_open_when"], description=(
             "Level of the drawer switch (pin 3) that means \"open\"; depends on the drawer."))
+    receipt_width_mm: Literal[58, 80] = Field(default=80, description=(
+        "Paper width in mm: receipts printed through POST /v1/print are laid out for it "
+        "(32 characters a line on 58 mm, 48 on 80 mm)."))
 
     @model_validator(mode="after")
     def _drawer_pulse(self) -> EscposDeviceConfig:
@@ -539,6 +547,12 @@ class EscposDeviceConfig(_DeviceSection):
     def driver_type(self) -> str:
         """Return "escpos"."""
         return "escpos"
+
+    def driver_options(self) -> dict[str, Any]:
+        """Return the driver's options; the receipt layout is the agent's, not the driver's."""
+        options = super().driver_options()
+        options.pop("receipt_width_mm", None)
+        return options
 
 
 class ScannerDeviceConfig(_DeviceSection):

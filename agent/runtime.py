@@ -5,7 +5,7 @@ Start order (each an aiohttp cleanup context, so stop runs in exactly the revers
 1. the outbox (a missing or wrong key, a damaged file: the agent does not start);
 2. the device manager: one supervisor per enabled device (a device that is away, or a bad
    device entry, is shown in status and never stops the agent);
-3. one relay per sink;
+3. one relay per sink, and one per ESC/POS printer (its print jobs, agent.printing);
 4. the scheduler: retention purge, daily database check, disk-space check, watchdog.
 
 Then the listening socket opens and systemd hears ``READY=1``; on stop, ``STOPPING=1``.
@@ -30,8 +30,9 @@ from typing import Any
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from agent import printing
 from agent.api import build_app, own_host_names
-from agent.config import AgentConfig, TerminalConfig
+from agent.config import AgentConfig, EscposDeviceConfig, TerminalConfig
 from agent.devices import build_manager, status_rows
 from agent.lockfile import exclusive
 from agent.metrics import Metrics
@@ -39,7 +40,7 @@ from agent.sdnotify import Notifier
 from agent.status import DeviceStatus, build_status
 from drivers.base import Driver
 from drivers.manager import DeviceManager
-from outbox import Outbox, OutboxError
+from outbox import Appended, Outbox, OutboxError
 from outbox.relay import Relay
 from outbox.sinks import WebhookSink
 from outbox.version import package_version
@@ -68,6 +69,10 @@ class Agent:
         # Built now so status can show every device (``drivers``: tests pass a registry; by
         # default the ``tillsync.drivers`` entry points); supervised from _devices_ctx on.
         self.devices: DeviceManager = build_manager(config.devices, drivers)
+        # Receipt printers by name: each gets a print-job relay ("printer:<name>").
+        self.printers = {d.name: printing.Printer(d.name, d.receipt_width_mm, d.enabled)
+                         for d in config.devices if isinstance(d, EscposDeviceConfig)}
+        self.transactions = printing.TransactionIndex()
         self.started_at = time.time()
         self.status_token = config.api.status_token.get_secret_value()
         self.allowed_hosts = own_host_names(config.api.host, list(config.api.allowed_hosts))
@@ -111,7 +116,15 @@ class Agent:
             relay = Relay(self.store, sink, on_attempt=self.metrics.attempt)
             await relay.start()
             self.relays[sink_cfg.name] = relay
+        for printer in self.printers.values():
+            if printer.enabled:
+                relay = Relay(self.store, printing.PrinterSink(printer.name, self.devices),
+                              on_attempt=self.metrics.attempt)
+                await relay.start()
+                self.relays[relay.name] = relay
+        stop_resuming = printing.resume_on_recovery(self.devices, self.relays)
         yield
+        stop_resuming()
         await asyncio.gather(*(r.stop(grace_s=self.stop_grace_s) for r in self.relays.values()))
 
     async def _scheduler_ctx(self, app: web.Application) -> AsyncIterator[None]:
@@ -179,6 +192,20 @@ class Agent:
             if terminal.matches(token) and found is None:
                 found = terminal
         return found
+
+    async def queue_print(self, terminal_id: str, body: bytes) -> tuple[str, Appended]:
+        """Check a POST /v1/print body and queue its job; PrintRequestError when refused."""
+        request = printing.parse_print_request(body)
+        printer = printing.check_printer(self.devices, self.printers, request.printer)
+        transaction = None
+        if request.transaction_id is not None:
+            transaction = await self.transactions.find(self.store, terminal_id,
+                                                       request.transaction_id)
+        store = self.config.store
+        job_id, event = printing.print_event(
+            request, store_id=store.id, terminal_id=terminal_id, printer=printer,
+            store_name=store.name or store.id, transaction=transaction, now=time.time())
+        return job_id, await printing.append_job(self.store, event, job_id)
 
     def note_full(self, reason: str) -> None:
         """Remember that an append was refused for lack of room."""

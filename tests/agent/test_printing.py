@@ -1,0 +1,301 @@
+"""POST /v1/print in a real agent, printing on an emulated ESC/POS printer through the outbox.
+
+Each job is printed exactly once, in order, after the printer comes back; a job whose expiry
+passes while the printer cannot print is dead-lettered with the reason and never printed; the
+same job_id never prints twice; an unconfirmed print is dead-lettered, not reprinted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import jsonschema
+import pytest
+from conftest import RunningAgent, StartAgent, sale
+
+from agent.api import openapi_document
+from agent.printing import PrinterSink, job_payload, read_job, render_lines
+from agent.standin.cloud import StandinCloud
+from drivers.base import DeviceRefused
+from drivers.emulators.escpos_printer import EscposPrinterEmulator
+from drivers.escpos.printer import EscposPrinterDriver, PrintInDoubt
+from drivers.escpos.receipt import render_receipt
+from outbox.classify import Action, classify
+from outbox.models import Delivery
+from outbox.relay import EXPIRED
+
+DRIVERS = {"escpos": EscposPrinterDriver}
+OPENAPI = json.loads(openapi_document())
+FAST = "poll_s = 0.2\nreconnect_max_s = 0.3\n"
+
+
+def printer_entry(emulator: EscposPrinterEmulator, name: str = "receipt", extra: str = "") -> str:
+    return (f'[[devices]]\nname = "{name}"\ntype = "escpos"\n'
+            f'url = "tcp://127.0.0.1:{emulator.port}"\n{FAST}'
+            f"status_timeout_s = 0.5\nconnect_timeout_s = 1\n{extra}\n")
+
+
+@pytest.fixture
+async def printer() -> AsyncIterator[EscposPrinterEmulator]:
+    emulator = EscposPrinterEmulator(idle_timeout_s=5.0)
+    await emulator.start()
+    try:
+        yield emulator
+    finally:
+        await emulator.stop()
+
+
+async def until(check: Callable[[], Any], timeout_s: float = 8.0) -> None:
+    start = time.monotonic()
+    while not await check():
+        assert time.monotonic() - start < timeout_s, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def printer_is(agent: RunningAgent, state: str) -> Callable[[], Any]:
+    async def check() -> bool:
+        [found] = [d for d in (await agent.status())["devices"] if d["name"] == "receipt"]
+        return bool(found["state"] == state)
+    return check
+
+
+def valid(instance: Any, schema: str) -> None:
+    jsonschema.validate(instance, {"$ref": f"#/components/schemas/{schema}",
+                                   "components": OPENAPI["components"]})
+
+
+async def print_job(agent: RunningAgent, who: str = "T01", **body: Any) -> tuple[int, Any]:
+    code, answer = await agent.post("/v1/print", {"printer": "receipt", **body}, who=who)
+    return code, answer
+
+
+async def event(agent: RunningAgent, event_id: str) -> dict[str, Any]:
+    code, body = await agent.get(f"/v1/outbox/{event_id}")
+    assert code == 200, body
+    return dict(body)
+
+
+async def start(start_agent: StartAgent, printer: EscposPrinterEmulator, *,
+                cloud: StandinCloud | None = None, extra: str = "") -> RunningAgent:
+    agent = await start_agent(drivers=DRIVERS, sink_url=cloud.url if cloud else None,
+                              extra=printer_entry(printer, extra=extra))
+    await until(printer_is(agent, "connected"))
+    return agent
+
+
+# -- what gets printed ------------------------------------------------------------------------
+
+
+async def test_the_receipt_of_a_posted_transaction_prints_exactly_as_rendered(
+        start_agent: StartAgent, printer: EscposPrinterEmulator, cloud: StandinCloud) -> None:
+    agent = await start(start_agent, printer, cloud=cloud)
+    txn = sale("T01", 7)
+    code, _ = await agent.post("/v1/transactions", txn)
+    assert code == 202
+    code, body = await print_job(agent, transaction_id=txn["transaction_id"])
+    assert code == 202, body
+    valid(body, "PrintQueued")
+    assert body["status"] == "queued"
+    await printer.wait_for_jobs(1)
+    assert printer.jobs[0].data == render_receipt(txn, width_mm=80, store_name="store-042")
+    record = await event(agent, body["event_id"])
+    assert record["kind"] == "print_job" and record["stream"] == "receipt"
+    await until(lambda: _state_is(agent, body["event_id"], "delivered"))
+    sinks = {s["name"]: s for s in (await agent.status())["sinks"]}
+    assert sinks["printer:receipt"]["state"] == "online"
+    assert sinks["printer:receipt"]["pending"] == 0
+
+
+async def test_a_receipt_for_a_sale_not_posted_here_uses_the_layout_of_the_printer(
+        start_agent: StartAgent, printer: EscposPrinterEmulator) -> None:
+    agent = await start(start_agent, printer, extra="receipt_width_mm = 58")
+    txn = sale("T09", 3)
+    code, body = await print_job(agent, transaction=txn)
+    assert code == 202, body
+    await printer.wait_for_jobs(1)
+    assert printer.jobs[0].data == render_receipt(txn, width_mm=58, store_name="store-042")
+
+
+async def test_lines_print_as_plain_text_with_every_copy(
+        start_agent: StartAgent, printer: EscposPrinterEmulator) -> None:
+    agent = await start(start_agent, printer)
+    lines = ["Z report", "Sales: € 1.234,50", ""]
+    code, body = await print_job(agent, lines=lines, copies=2)
+    assert code == 202, body
+    await printer.wait_for_jobs(1)
+    assert printer.jobs[0].data == render_lines(lines) * 2
+
+
+# -- printed once -----------------------------------------------------------------------------
+
+
+async def test_the_same_job_id_twice_is_one_job_and_one_print(
+        start_agent: StartAgent, printer: EscposPrinterEmulator) -> None:
+    agent = await start(start_agent, printer)
+    code, first = await print_job(agent, lines=["once"], job_id="J-1")
+    assert code == 202 and first["job_id"] == "J-1"
+    await printer.wait_for_jobs(1)
+    code, again = await print_job(agent, lines=["once"], job_id="J-1")
+    assert (code, again) == (200, first)
+    code, other = await print_job(agent, lines=["something else"], job_id="J-1")
+    assert code == 409 and other["error"]["code"] == "conflict"
+    code, _ = await print_job(agent, who="T02", lines=["once"], job_id="J-1")
+    assert code == 202  # job ids are per terminal
+    await printer.wait_for_jobs(2)
+    await asyncio.sleep(0.5)
+    assert len(printer.jobs) == 2
+
+
+async def test_paper_out_mid_queue_loses_no_job_and_prints_each_once_in_order(
+        start_agent: StartAgent, printer: EscposPrinterEmulator) -> None:
+    agent = await start(start_agent, printer)
+    code, _ = await print_job(agent, lines=["job 0"])
+    assert code == 202
+    await printer.wait_for_jobs(1)
+    printer.paper_out = True
+    await until(printer_is(agent, "error"))
+    for n in range(1, 5):
+        code, _ = await print_job(agent, lines=[f"job {n}"], who="T01" if n % 2 else "T02")
+        assert code == 202
+    await asyncio.sleep(1.0)
+    assert len(printer.jobs) == 1  # nothing printed, nothing half-sent while out of paper
+    sinks = {s["name"]: s for s in (await agent.status())["sinks"]}
+    assert sinks["printer:receipt"]["state"] == "offline"
+    assert sinks["printer:receipt"]["pending"] == 4
+    assert "paper out" in sinks["printer:receipt"]["last_error"]
+    printer.paper_out = False
+    await printer.wait_for_jobs(5, timeout_s=8)
+    await asyncio.sleep(0.5)
+    assert [job.data for job in printer.jobs] == [render_lines([f"job {n}"]) for n in range(5)]
+    sinks = {s["name"]: s for s in (await agent.status())["sinks"]}
+    assert sinks["printer:receipt"]["pending"] == 0 and sinks["printer:receipt"]["dead"] == 0
+
+
+async def test_a_job_whose_expiry_passes_while_out_of_paper_never_prints(
+        start_agent: StartAgent, printer: EscposPrinterEmulator) -> None:
+    agent = await start(start_agent, printer)
+    printer.paper_out = True
+    await until(printer_is(agent, "error"))
+    code, short = await print_job(agent, lines=["stale"], expires_in_s=1)
+    assert code == 202
+    code, _ = await print_job(agent, lines=["fresh"])
+    assert code == 202
+    await asyncio.sleep(1.5)
+    printer.paper_out = False
+    await printer.wait_for_jobs(1, timeout_s=8)
+    await asyncio.sleep(0.5)
+    assert [job.data for job in printer.jobs] == [render_lines(["fresh"])]
+    [delivery] = (await event(agent, short["event_id"]))["deliveries"]
+    assert delivery["state"] == "dead" and EXPIRED in delivery["last_error"]
+    code, dead = await agent.get("/v1/outbox?state=dead&sink=printer:receipt")
+    assert code == 200 and [d["event_id"] for d in dead["deliveries"]] == [short["event_id"]]
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+async def test_unknown_printer_other_terminals_transaction_and_bad_bodies_are_refused(
+        start_agent: StartAgent, printer: EscposPrinterEmulator, cloud: StandinCloud) -> None:
+    agent = await start(start_agent, printer, cloud=cloud)
+    txn = sale("T02", 1)
+    assert (await agent.post("/v1/transactions", txn, who="T02"))[0] == 202
+    code, body = await agent.post("/v1/print", {"printer": "kitchen", "lines": ["x"]})
+    assert code == 404 and body["error"]["code"] == "printer_not_found"
+    code, body = await print_job(agent, transaction_id=txn["transaction_id"])  # T01 asks
+    assert code == 404 and body["error"]["code"] == "transaction_not_found"
+    code, body = await print_job(agent, transaction_id="T01-nothing")
+    assert code == 404 and body["error"]["code"] == "transaction_not_found"
+    code, body = await print_job(agent, who="T02", transaction_id=txn["transaction_id"])
+    assert code == 202, body
+    code, body = await print_job(agent, lines=["x"], copies=0, expires_in_s=0)
+    assert code == 422 and body["error"]["code"] == "validation_failed"
+    assert {d["field"] for d in body["error"]["details"]} == {"copies", "expires_in_s"}
+    code, body = await print_job(agent, lines=["x"], transaction_id="A")
+    assert code == 422
+    code, body = await print_job(agent, transaction={**sale("T01"), "total": "9.99"})
+    assert code == 422 and any(d["field"].startswith("transaction.")
+                               for d in body["error"]["details"])
+    code, body = await print_job(agent, lines=["4111 1111 1111 1111"])
+    assert code == 422 and body["error"]["code"] == "card_number_not_allowed"
+    code, body = await print_job(agent, lines=["\x1b@"])
+    assert code == 422
+    code, body = await agent.post("/v1/print", {"printer": "receipt", "lines": ["x"]},
+                                  who="status")
+    assert code == 403
+    await printer.wait_for_jobs(1)
+    await asyncio.sleep(0.3)
+    assert len(printer.jobs) == 1
+
+
+async def test_a_disabled_printer_refuses_jobs(
+        start_agent: StartAgent, printer: EscposPrinterEmulator) -> None:
+    agent = await start_agent(drivers=DRIVERS,
+                              extra=printer_entry(printer, extra="enabled = false"))
+    code, body = await print_job(agent, lines=["x"])
+    assert code == 409 and body["error"]["code"] == "printer_disabled"
+
+
+# -- the sink's verdicts ----------------------------------------------------------------------
+
+
+class _FakeDriver:
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+        self.printed: list[bytes] = []
+
+    async def print_job(self, data: bytes, *, job_id: str, timeout_s: float) -> None:
+        if self.error is not None:
+            raise self.error
+        self.printed.append(data)
+
+
+class _FakeManager:
+    def __init__(self, driver: _FakeDriver) -> None:
+        self.driver = driver
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str) -> AsyncIterator[_FakeDriver]:
+        yield self.driver
+
+
+def _delivery(*, expires_at: float | None = None) -> Delivery:
+    payload = job_payload("s", printer="receipt", terminal_id="T01", job_id="J", copies=1,
+                          source={"type": "lines"}, data=b"hello")
+    assert read_job(payload).output == b"hello"
+    return Delivery(1, "printer:receipt", "receipt", "print_job", "k", payload, 0, False,
+                    time.time(), expires_at)
+
+
+@pytest.mark.parametrize(("error", "action"), [
+    (None, Action.DELIVERED),
+    (DeviceRefused("paper out"), Action.RETRY),
+    (PrintInDoubt("job not confirmed within 30 s"), Action.DEAD),
+])
+async def test_the_printer_sink_reports_what_the_relay_should_do(error: Exception | None,
+                                                                 action: Action) -> None:
+    sink = PrinterSink("receipt", _FakeManager(_FakeDriver(error)))  # type: ignore[arg-type]
+    outcome = classify(await sink.deliver(_delivery()))
+    assert outcome.action is action
+    if error is None:
+        return
+    assert not outcome.in_doubt  # an unconfirmed print is never retried: it could print twice
+    if action is Action.DEAD:
+        assert "not reprinted" in outcome.reason
+
+
+async def test_the_printer_sink_does_not_print_a_job_that_expired_while_it_waited() -> None:
+    driver = _FakeDriver(None)
+    sink = PrinterSink("receipt", _FakeManager(driver))  # type: ignore[arg-type]
+    outcome = classify(await sink.deliver(_delivery(expires_at=time.time() - 1)))
+    assert outcome.action is Action.DEAD and EXPIRED in outcome.reason
+    assert driver.printed == []
+
+
+async def _state_is(agent: RunningAgent, event_id: str, state: str) -> bool:
+    [delivery] = (await event(agent, event_id))["deliveries"]
+    return bool(delivery["state"] == state)
