@@ -1,6 +1,7 @@
 """``tillsync demo``: the whole product in one process, in a temporary directory.
 
-Three tills ring up sales against a real agent (its HTTP API, encrypted outbox and relay);
+Three tills ring up sales against a real agent (its HTTP API, encrypted outbox and relay)
+and ask for each receipt on an emulated ESC/POS printer;
 the agent forwards them to a stand-in cloud on 127.0.0.1 that drops off the network for a
 while and comes back. The screen shows what a store manager would want to know; the run
 ends with a summary and exits 0 only when the cloud saw every accepted sale exactly once.
@@ -30,6 +31,8 @@ from agent.config import AgentConfig, parse_config
 from agent.readiness import wait_until_ready
 from agent.runtime import serve
 from agent.standin.cloud import StandinCloud
+from drivers.emulators.escpos_printer import EscposPrinterEmulator
+from drivers.emulators.scanner import ScannerEmulator
 from outbox.crypto import create_key_file
 
 TILLS = ("T01", "T02", "T03")
@@ -61,6 +64,9 @@ class Tally:
     refused: list[str] = field(default_factory=list)
     queued_peak: int = 0
     queued_while_offline: int = 0
+    receipts: set[str] = field(default_factory=set)  # transaction ids sent to the printer
+    scans_sent: int = 0  # barcodes the store's scanner read (T01's baskets)
+    scans_seen: int = 0  # scan events T01 received on /v1/events/stream
     timeline: list[str] = field(default_factory=list)
 
 
@@ -75,8 +81,12 @@ def run_demo(*, seconds: float = 30.0, console: Console | None = None) -> int:
 async def _demo(root: Path, seconds: float, console: Console) -> int:
     tokens = {till: secrets.token_urlsafe(16) for till in TILLS}
     status_token = secrets.token_urlsafe(16)
+    printer = EscposPrinterEmulator()
+    await printer.start()
+    scanner = ScannerEmulator(root / "ttyScanner0")  # a pty standing in for a USB scanner
+    scanner.plug()
     async with StandinCloud() as cloud:
-        config = _config(root, cloud.url, tokens, status_token)
+        config = _config(root, cloud.url, printer.port, scanner.url, tokens, status_token)
         stop = asyncio.Event()
         agent = asyncio.create_task(serve(config, stop=stop))
         base = f"http://127.0.0.1:{config.api.port}"
@@ -86,10 +96,14 @@ async def _demo(root: Path, seconds: float, console: Console) -> int:
             console.print(f"[bold]tillsync demo[/]: agent on {base}, stand-in cloud on"
                           f" {cloud.base_url}, data in {root}")
             started = time.monotonic()
-            show = _Screen(http, base, status_token, cloud, tally, started, seconds)
+            show = _Screen(http, base, status_token, cloud, printer, tally, started, seconds)
             with Live(show.table(None), console=console, refresh_per_second=4) as live:
+                listener = asyncio.create_task(_watch_scans(http, base, tokens["T01"], tally))
+                await asyncio.sleep(0.3)  # the stream is open before the first scan
                 tills = [asyncio.create_task(_till(http, base, till, tokens[till], tally,
-                                                   started, seconds)) for till in TILLS]
+                                                   started, seconds,
+                                                   scanner if till == "T01" else None))
+                         for till in TILLS]
                 outage = asyncio.create_task(_outage(cloud, tally, started, seconds))
                 while not all(t.done() for t in tills):
                     live.update(show.table(await show.poll()))
@@ -100,17 +114,22 @@ async def _demo(root: Path, seconds: float, console: Console) -> int:
                     status = await show.poll()
                     live.update(show.table(status))
                     if status and status["outbox"]["pending"] == 0 \
-                            and len(cloud.effects) >= len(tally.accepted):
+                            and len(cloud.effects) >= len(tally.accepted) \
+                            and len(printer.jobs) >= len(tally.receipts) \
+                            and tally.scans_seen >= tally.scans_sent:
                         break
                     await asyncio.sleep(0.25)
                 tally.timeline.append(f"{time.monotonic() - started:5.1f} s  drained")
+                listener.cancel()
         stop.set()
         await agent
-        return _summary(console, tally, cloud)
+    await printer.stop()
+    scanner.close()
+    return _summary(console, tally, cloud, printer)
 
 
-def _config(root: Path, cloud_url: str, tokens: dict[str, str],
-            status_token: str) -> AgentConfig:
+def _config(root: Path, cloud_url: str, printer_port: int, scanner_url: str,
+            tokens: dict[str, str], status_token: str) -> AgentConfig:
     key = root / "outbox.key"
     create_key_file(key)
     terminals = "".join(f'[[api.terminals]]\nid = "{t}"\ntoken = "{tok}"\n\n'
@@ -134,6 +153,17 @@ type = "webhook"
 url = "{cloud_url}"
 backoff_cap_s = 2
 concurrency = 4
+
+[[devices]]
+name = "receipt"
+type = "escpos"
+url = "tcp://127.0.0.1:{printer_port}"
+receipt_width_mm = 80
+
+[[devices]]
+name = "scanner"
+type = "scanner"
+url = "{scanner_url}"
 """
     return parse_config(text, source="demo", base_dir=root)
 
@@ -177,7 +207,7 @@ def sale(till: str, seq: int, rng: random.Random) -> dict[str, Any]:
 
 
 async def _till(http: aiohttp.ClientSession, base: str, till: str, token: str, tally: Tally,
-                started: float, seconds: float) -> None:
+                started: float, seconds: float, scanner: ScannerEmulator | None) -> None:
     rng = random.Random(f"{till}-{started}")
     headers = {"Authorization": f"Bearer {token}"}
     seq = 0
@@ -185,6 +215,10 @@ async def _till(http: aiohttp.ClientSession, base: str, till: str, token: str, t
         seq += 1
         body = sale(till, seq, rng)
         tally.rung_up += 1
+        if scanner is not None:  # this till's cashier scans each item on the store scanner
+            for line in body["lines"]:
+                scanner.scan(line["sku"])
+                tally.scans_sent += 1
         for _ in range(3):  # a till resends after a network error, same ids
             try:
                 async with http.post(f"{base}/v1/transactions", json=body,
@@ -192,6 +226,7 @@ async def _till(http: aiohttp.ClientSession, base: str, till: str, token: str, t
                     answer = await resp.json()
                     if resp.status in (200, 202):
                         tally.accepted[f"{till}/{body['transaction_id']}"] = answer["event_id"]
+                        await _print_receipt(http, base, headers, body["transaction_id"], tally)
                     else:
                         tally.refused.append(f"{body['transaction_id']}: {resp.status}"
                                              f" {answer['error']['code']}")
@@ -199,6 +234,30 @@ async def _till(http: aiohttp.ClientSession, base: str, till: str, token: str, t
             except aiohttp.ClientError:
                 await asyncio.sleep(0.2)
         await asyncio.sleep(rng.uniform(0.15, 0.6))  # scanning the next basket
+
+
+async def _print_receipt(http: aiohttp.ClientSession, base: str, headers: dict[str, str],
+                         transaction_id: str, tally: Tally) -> None:
+    # The till asks for the receipt of the sale it just posted; job_id makes a resend safe.
+    job = {"printer": "receipt", "transaction_id": transaction_id, "job_id": transaction_id}
+    async with http.post(f"{base}/v1/print", json=job, headers=headers) as resp:
+        answer = await resp.json()
+        if resp.status in (200, 202):
+            tally.receipts.add(transaction_id)
+        else:
+            tally.refused.append(f"receipt {transaction_id}: {resp.status}"
+                                 f" {answer['error']['code']}")
+
+
+async def _watch_scans(http: aiohttp.ClientSession, base: str, token: str,
+                       tally: Tally) -> None:
+    """Count the scans T01 receives on the agent's server-sent event stream."""
+    async with http.get(f"{base}/v1/events/stream",
+                        headers={"Authorization": f"Bearer {token}"},
+                        timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
+        async for line in resp.content:
+            if line.strip() == b"event: scan":
+                tally.scans_seen += 1
 
 
 async def _outage(cloud: StandinCloud, tally: Tally, started: float, seconds: float) -> None:
@@ -215,9 +274,11 @@ class _Screen:
     """Polls the agent's status and draws the live table."""
 
     def __init__(self, http: aiohttp.ClientSession, base: str, token: str,
-                 cloud: StandinCloud, tally: Tally, started: float, seconds: float) -> None:
+                 cloud: StandinCloud, printer: EscposPrinterEmulator, tally: Tally,
+                 started: float, seconds: float) -> None:
         self.http, self.base, self.token = http, base, token
-        self.cloud, self.tally, self.started, self.seconds = cloud, tally, started, seconds
+        self.cloud, self.printer = cloud, printer
+        self.tally, self.started, self.seconds = tally, started, seconds
         self.last_state = "online"
 
     async def poll(self) -> dict[str, Any] | None:
@@ -251,13 +312,16 @@ class _Screen:
         table.add_row("accepted (durable)", str(len(self.tally.accepted)))
         table.add_row("queued in the outbox", str(status["outbox"]["pending"]) if status else "?")
         table.add_row("delivered to the cloud", str(len(self.cloud.effects)))
+        table.add_row("receipts printed", str(len(self.printer.jobs)))
+        table.add_row("scans seen by till T01", f"{self.tally.scans_seen}")
         table.add_row("cloud", f"[{colour}]{state}[/]"
                       + ("" if self.cloud.listening else "  (unplugged)"))
         table.add_row("agent status", status["status"] if status else "?")
         return table
 
 
-def _summary(console: Console, tally: Tally, cloud: StandinCloud) -> int:
+def _summary(console: Console, tally: Tally, cloud: StandinCloud,
+             printer: EscposPrinterEmulator) -> int:
     seen: dict[str, int] = {}
     for effect in cloud.effects:
         identity = cloud.identity_of(effect)
@@ -273,15 +337,25 @@ def _summary(console: Console, tally: Tally, cloud: StandinCloud) -> int:
     table.add_row("delivered to the cloud", str(len(seen)))
     table.add_row("duplicates seen by the cloud", str(len(duplicated)))
     table.add_row("lost", str(len(lost)))
-    table.add_row("receipts printed", "— (printer drivers not installed yet)")
+    prints = {txid: sum(txid.encode() in job.data for job in printer.jobs)
+              for txid in tally.receipts}
+    misprinted = {txid: n for txid, n in prints.items() if n != 1}
+    table.add_row("receipts printed (emulated ESC/POS printer)",
+                  f"{len(printer.jobs)} of {len(tally.receipts)}")
+    table.add_row("scans streamed to till T01 (emulated scanner)",
+                  f"{tally.scans_seen} of {tally.scans_sent}")
     console.print(table)
     for line in tally.timeline:
         console.print(f"  {line}")
-    ok = not lost and not duplicated and not tally.refused and tally.accepted
+    ok = (not lost and not duplicated and not tally.refused and tally.accepted
+          and not misprinted and len(printer.jobs) == len(tally.receipts)
+          and tally.scans_seen == tally.scans_sent)
     if tally.refused:
         console.print(f"[red]refused by the agent:[/] {tally.refused[:3]}")
     if ok:
-        console.print("[green bold]every sale arrived exactly once[/]")
+        console.print("[green bold]every sale arrived exactly once, and every receipt printed"
+                      " once[/]")
         return 0
-    console.print(f"[red bold]FAILED[/]: lost {lost[:5]}, duplicated {list(duplicated)[:5]}")
+    console.print(f"[red bold]FAILED[/]: lost {lost[:5]}, duplicated {list(duplicated)[:5]},"
+                  f" receipts not printed exactly once {list(misprinted)[:5]}")
     return 1
