@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.text import Text
 
 from agent.config import AgentConfig, ConfigError, load_config
+from drivers.base import DeviceError, load_drivers
 from outbox import schema
 from outbox.crypto import KeyRing, load_key_file
 from outbox.errors import KeyFileError, OutboxCorrupt
@@ -93,12 +94,35 @@ async def run_checks(config_path: Path, *, console: Console, timeout_s: float = 
         report(probe.check)
     report(check_clock(config, probes))
 
-    for device in config.devices:
-        state = "skipped: no drivers yet" if device.enabled else "skipped: disabled"
-        report(Check("skip", f"device {device.name}", f"{device.type} {device.url}: {state}"))
+    for check in await asyncio.gather(*(probe_device(device, timeout_s=timeout_s)
+                                        for device in config.devices)):
+        report(check)
 
     report(await check_listen(config.api.host, config.api.port, timeout_s=timeout_s))
     return 1 if failed else 0
+
+
+async def probe_device(device: Any, *, timeout_s: float) -> Check:
+    """Ask the device's driver whether its kind of device answers at the configured URL."""
+    name = f"device {device.name}"
+    where = f"{device.type} {device.url}"
+    if not device.enabled:
+        return Check("skip", name, f"{where}: disabled")
+    driver = load_drivers().get(device.driver_type())
+    if driver is None:
+        return Check("FAIL", name, f"{where}: no driver {device.driver_type()!r} is installed"
+                                   " — reinstall tillsync")
+    try:
+        answers = await asyncio.wait_for(driver.probe(device.url, timeout_s=min(timeout_s, 2.0)),
+                                         timeout_s + 1)
+    except (TimeoutError, OSError, DeviceError) as err:
+        answers, why = False, str(err) or type(err).__name__
+    else:
+        why = "no answer"
+    if answers:
+        return Check("ok", name, f"{where}: answers")
+    return Check("FAIL", name, f"{where}: {why} — check the cable, power and URL (a running"
+                               " agent holds the device, which also makes this fail)")
 
 
 def _line(check: Check) -> Text:

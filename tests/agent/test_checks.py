@@ -115,13 +115,36 @@ async def test_checking_a_running_agent_passes_and_warns_that_its_port_is_taken(
     line(lines, "ok", "database")
 
 
-async def test_configured_devices_are_reported_as_skipped(setup: Setup) -> None:
-    with setup.config_path.open("a") as f:
-        f.write('\n[[devices]]\nname = "receipt"\ntype = "escpos"\n'
-                'url = "tcp://192.168.1.50:9100"\n')
-    code, lines = await check(setup)
-    assert code == 0
-    assert "skipped: no drivers yet" in line(lines, "skip", "device receipt")
+async def test_each_device_is_probed_through_its_driver(setup: Setup) -> None:
+    """GIVEN a printer emulator on loopback, an unreachable printer and a disabled one THEN
+    check says ok, FAIL (naming the device) and skip, and exits 1 for the failure."""
+    from drivers.emulators.escpos_printer import EscposPrinterEmulator
+
+    printer = EscposPrinterEmulator()
+    await printer.start()
+    try:
+        with setup.config_path.open("a") as f:
+            f.write(f'\n[[devices]]\nname = "receipt"\ntype = "escpos"\n'
+                    f'url = "tcp://127.0.0.1:{printer.port}"\n'
+                    f'\n[[devices]]\nname = "kitchen"\ntype = "escpos"\n'
+                    f'url = "tcp://127.0.0.1:{closed_port()}"\n'
+                    f'\n[[devices]]\nname = "spare"\ntype = "escpos"\n'
+                    f'url = "tcp://127.0.0.1:9"\nenabled = false\n')
+        code, lines = await check(setup)
+    finally:
+        await printer.stop()
+    assert code == 1
+    assert "answers" in line(lines, "ok", "device receipt")
+    assert "check the cable" in line(lines, "FAIL", "device kitchen")
+    assert "disabled" in line(lines, "skip", "device spare")
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # -- failures -----------------------------------------------------------------------------
