@@ -453,6 +453,8 @@ SinkConfig = Annotated[WebhookSinkConfig, Field(discriminator="type")]
 
 
 def _check_device_url(value: str) -> str:
+    if value.startswith("evdev:///dev/input/"):
+        return value  # a HID keyboard-wedge scanner (scanner type only; Linux)
     try:
         parse_device_url(value)
     except DeviceError as err:
@@ -556,7 +558,11 @@ class EscposDeviceConfig(_DeviceSection):
 
 
 class ScannerDeviceConfig(_DeviceSection):
-    """A barcode scanner on a serial or USB-CDC port; its scans go to /v1/events/stream."""
+    """A barcode scanner: serial or USB-CDC port, or a HID keyboard wedge (``evdev://``).
+
+    Its scans go to /v1/events/stream. A HID scanner's url names its input node, e.g.
+    ``evdev:///dev/input/by-id/usb-Datalogic-event-kbd``; it must be set to a US keyboard layout.
+    """
 
     type: Literal["scanner"] = Field(description="Device type: \"scanner\" (barcode scanner).")
     suffix: Literal["CR", "LF", "CRLF", "TAB", "NONE"] = Field(default="CR", description=(
@@ -574,11 +580,13 @@ class ScannerDeviceConfig(_DeviceSection):
         return "scanner"
 
     def driver_type(self) -> str:
-        """Return "scanner"."""
-        return "scanner"
+        """Return "hid-scanner" for an evdev url, else "scanner"."""
+        return "hid-scanner" if self.url.startswith("evdev://") else "scanner"
 
     def driver_options(self) -> dict[str, Any]:
         """Return the scanner's options; its port reopens at the shared reconnect pace."""
+        if self.url.startswith("evdev://"):
+            return {"reconnect_max_s": self.reconnect_max_s}  # framing is the Enter key
         return {**super().driver_options(), "reconnect_max_s": self.reconnect_max_s}
 
 

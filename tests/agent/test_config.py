@@ -625,3 +625,22 @@ def test_a_relative_key_file_comes_from_the_systemd_credentials_directory(tmp_pa
     assert via_systemd.outbox.key_file == creds / "outbox.key"
     by_hand = parse_config(text, source="agent.toml", base_dir=tmp_path / "etc", environ={})
     assert by_hand.outbox.key_file == tmp_path / "etc" / "outbox.key"
+
+
+def test_a_hid_scanner_is_configured_by_its_evdev_url(tmp_path):
+    """A keyboard-wedge scanner: type scanner, url evdev:///dev/input/…; its driver is the
+    HID one (reading /dev/input itself cannot run here, see drivers/scanner_hid.py)."""
+    from agent.config import parse_config
+    from agent.devices import device_spec
+    from drivers.base import create_driver
+    from drivers.scanner_hid import HidScannerDriver
+
+    text = ('[store]\nid = "s1"\n[api]\nstatus_token = "status-token-123456"\n'
+            '[outbox]\npath = "outbox.db"\nkey_file = "outbox.key"\n'
+            '[[devices]]\nname = "wedge"\ntype = "scanner"\n'
+            'url = "evdev:///dev/input/by-id/usb-Datalogic-event-kbd"\n')
+    config = parse_config(text, source="agent.toml", base_dir=tmp_path, environ={})
+    [device] = config.devices
+    assert device.driver_type() == "hid-scanner"
+    driver = create_driver(device_spec(device))
+    assert isinstance(driver, HidScannerDriver)
