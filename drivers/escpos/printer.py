@@ -164,7 +164,12 @@ class EscposPrinterDriver:
                 return DeviceStatus(DeviceState.DISCONNECTED, _detail(err))
             finally:
                 self._touch()
-        return describe(facts)
+        status = describe(facts)
+        if status.state is DeviceState.CONNECTED and self.drawer_open:
+            # Only "open" is news: a printer without a drawer reads some fixed pin level.
+            detail = ", ".join(d for d in (status.detail, "drawer open") if d)
+            status = DeviceStatus(DeviceState.CONNECTED, detail)
+        return status
 
     @classmethod
     async def probe(cls, url: str, timeout_s: float = 1.0) -> bool:

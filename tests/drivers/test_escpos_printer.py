@@ -218,12 +218,13 @@ async def test_drawer_open_follows_pin_3_with_configurable_polarity(
 ) -> None:
     high = driver_for(escpos_printer)
     escpos_printer.set_state(drawer_pin3_high=True)
-    await high.status()
+    status = await high.status()
     assert high.drawer_open is True
+    assert status.state is DeviceState.CONNECTED and status.detail == "drawer open"
     await high.close()
     low = driver_for(escpos_printer, drawer_open_when="low")
-    await low.status()
-    assert low.drawer_open is False
+    status = await low.status()
+    assert low.drawer_open is False and status.detail is None
     await low.close()
 
 
