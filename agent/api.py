@@ -32,7 +32,6 @@ from outbox import (
     DedupeConflict,
     DeliveryState,
     NewEvent,
-    OutboxClosed,
     OutboxError,
     OutboxFull,
 )
@@ -371,20 +370,25 @@ async def _ingest(request: web.Request, parse: Callable[[bytes], Accepted]) -> w
                        f"{accepted.kind} {accepted.object_id} of terminal {accepted.terminal_id}"
                        f" was already accepted (event {err.event_id}) with different content;"
                        " a correction needs a new id (e.g. a void and a new sale)") from None
-    except OutboxFull as err:
-        agent.note_full(str(err))
-        raise ApiError(507, "outbox_full",
-                       "the outbox is full; nothing accepted was dropped. Retry later.",
-                       headers={"Retry-After": "30"}) from None
-    except (OutboxClosed, OutboxError) as err:
-        raise ApiError(503, "outbox_unavailable", f"the outbox cannot accept events: {err}",
-                       headers={"Retry-After": "5"}) from None
+    except OutboxError as err:
+        raise _outbox_refusal(agent, err, "events") from None
     agent.note_accepted()
     if appended.created:
         agent.metrics.event_received(accepted.kind)
     answer = {"event_id": str(appended.event_id), "idempotency_key": appended.idempotency_key,
               "status": "queued", "sinks": list(appended.sinks)}
     return web.json_response(answer, status=202 if appended.created else 200)
+
+
+def _outbox_refusal(agent: Agent, err: OutboxError, what: str) -> ApiError:
+    """Turn an append the outbox refused into 507 (full) or 503 (cannot write now)."""
+    if isinstance(err, OutboxFull):
+        agent.note_full(str(err))
+        return ApiError(507, "outbox_full",
+                        "the outbox is full; nothing accepted was dropped. Retry later.",
+                        headers={"Retry-After": "30"})
+    return ApiError(503, "outbox_unavailable", f"the outbox cannot accept {what}: {err}",
+                    headers={"Retry-After": "5"})
 
 
 async def post_print(request: web.Request) -> web.Response:
@@ -396,14 +400,8 @@ async def post_print(request: web.Request) -> web.Response:
         job_id, appended = await agent.queue_print(terminal.id, await request.read())
     except PrintRequestError as err:
         raise ApiError(err.status, err.code, err.message, err.details) from None
-    except OutboxFull as err:
-        agent.note_full(str(err))
-        raise ApiError(507, "outbox_full",
-                       "the outbox is full; nothing accepted was dropped. Retry later.",
-                       headers={"Retry-After": "30"}) from None
-    except (OutboxClosed, OutboxError) as err:
-        raise ApiError(503, "outbox_unavailable", f"the outbox cannot accept jobs: {err}",
-                       headers={"Retry-After": "5"}) from None
+    except OutboxError as err:
+        raise _outbox_refusal(agent, err, "jobs") from None
     agent.note_accepted()
     answer = {"job_id": job_id, "status": "queued", "event_id": str(appended.event_id)}
     return web.json_response(answer, status=202 if appended.created else 200)

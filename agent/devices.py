@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from agent.config import AnyDeviceConfig
+from agent.errors import RequestError
 from agent.status import DeviceStatus
 from drivers.base import DeviceError, DeviceRefused, DeviceSpec, DeviceUnavailable, Driver
 from drivers.manager import DeviceManager, UnknownDevice
@@ -36,16 +37,8 @@ MAX_WEIGHT_WAIT_S = 10.0  # the API refuses a longer wait_s (422)
 IN_MOTION = "in motion"
 
 
-class DeviceRequestError(Exception):
+class DeviceRequestError(RequestError):
     """A device request failed: HTTP status, error code, message and the device's state."""
-
-    def __init__(self, status: int, code: str, message: str,
-                 details: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or []
 
 
 def device_spec(config: AnyDeviceConfig) -> DeviceSpec:

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import canonical
 from agent.canonical import CARD_MESSAGE, InvalidEvent
+from agent.errors import RequestError
 from drivers.base import DeviceError, DeviceRefused, DeviceState, DeviceUnavailable
 from drivers.escpos.commands import Encoder
 from drivers.escpos.printer import PrintInDoubt
@@ -105,16 +106,8 @@ def sink_name(printer: str) -> str:
     return f"{SINK_PREFIX}{printer}"
 
 
-class PrintRequestError(Exception):
+class PrintRequestError(RequestError):
     """A refused print request: HTTP status, snake_case code, message, optional details."""
-
-    def __init__(self, status: int, code: str, message: str,
-                 details: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or []
 
 
 def _invalid(problems: list[tuple[str, str, str]],
