@@ -10,10 +10,10 @@ never shares an interpreter with the client that loads it.
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 
 from aiohttp import web
+
+from bench.sink_server import serve_app
 
 
 async def accept(request: web.Request) -> web.Response:
@@ -30,18 +30,8 @@ def build_app() -> web.Application:
 
 
 async def serve() -> None:
-    """Listen on an ephemeral port of 127.0.0.1 until stdin closes."""
-    runner = web.AppRunner(build_app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server = site._server
-    assert server is not None and server.sockets  # type: ignore[attr-defined]
-    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-    print(json.dumps({"port": port}), flush=True)
-    # The parent closes our stdin to stop us (or dies, which closes it too).
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await runner.cleanup()
+    """Serve the endpoint until stdin closes."""
+    await serve_app(build_app())
 
 
 if __name__ == "__main__":

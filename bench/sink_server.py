@@ -61,8 +61,13 @@ def build_app(counter: Counter) -> web.Application:
 
 
 async def serve() -> None:
-    """Listen on an ephemeral port of 127.0.0.1 until stdin closes."""
-    runner = web.AppRunner(build_app(Counter()), access_log=None)
+    """Serve the sink until stdin closes."""
+    await serve_app(build_app(Counter()))
+
+
+async def serve_app(app: web.Application) -> None:
+    """Listen on an ephemeral port of 127.0.0.1, print it as JSON, serve until stdin closes."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
