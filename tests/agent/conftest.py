@@ -18,9 +18,12 @@ from agent.config import AgentConfig, load_config
 from agent.readiness import wait_until_ready
 from agent.runtime import serve
 from agent.standin.cloud import StandinCloud
+from drivers.emulators.escpos_printer import EscposPrinterEmulator
 from outbox.crypto import create_key_file
 
 STATUS_TOKEN = "status-token-0123456789abcdef"
+# Fast device supervision so tests take seconds: the defaults are 5 s polls, 2 s reconnect cap.
+FAST_DEVICE = "poll_s = 0.2\nreconnect_max_s = 0.3\n"
 TOKENS = {"T01": "till-one-token-0123456789", "T02": "till-two-token-0123456789"}
 
 
@@ -127,6 +130,23 @@ def exited(task: asyncio.Task[None]) -> str | None:
         return None
     task.result()  # raises why the agent could not start
     return "the agent stopped"
+
+
+def printer_entry(emulator: EscposPrinterEmulator, name: str = "receipt", extra: str = "") -> str:
+    """A ``[[devices]]`` escpos entry for an emulated printer, supervised fast."""
+    return (f'[[devices]]\nname = "{name}"\ntype = "escpos"\n'
+            f'url = "tcp://127.0.0.1:{emulator.port}"\n{FAST_DEVICE}'
+            f"status_timeout_s = 0.5\nconnect_timeout_s = 1\n{extra}\n")
+
+
+@pytest.fixture
+async def printer() -> AsyncIterator[EscposPrinterEmulator]:
+    emulator = EscposPrinterEmulator(idle_timeout_s=5.0)
+    await emulator.start()
+    try:
+        yield emulator
+    finally:
+        await emulator.stop()
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from conftest import RunningAgent, StartAgent
+from conftest import FAST_DEVICE, RunningAgent, StartAgent, printer_entry
 
 from agent.api import openapi_document
 from drivers.emulators.escpos_printer import DrawerPulse, EscposPrinterEmulator
@@ -27,24 +27,8 @@ from drivers.scale import MettlerToledo8217ScaleDriver
 
 DRIVERS = {"escpos": EscposPrinterDriver, "toledo8217": MettlerToledo8217ScaleDriver}
 OPENAPI = json.loads(openapi_document())
-# Fast supervision so the tests take seconds: the defaults are 5 s polls and a 2 s reconnect cap.
-FAST = "poll_s = 0.2\nreconnect_max_s = 0.3\n"
 
 
-def printer_entry(emulator: EscposPrinterEmulator, name: str = "receipt", extra: str = "") -> str:
-    return (f'[[devices]]\nname = "{name}"\ntype = "escpos"\n'
-            f'url = "tcp://127.0.0.1:{emulator.port}"\n{FAST}'
-            f"status_timeout_s = 0.5\nconnect_timeout_s = 1\n{extra}\n")
-
-
-@pytest.fixture
-async def printer() -> AsyncIterator[EscposPrinterEmulator]:
-    emulator = EscposPrinterEmulator(idle_timeout_s=5.0)
-    await emulator.start()
-    try:
-        yield emulator
-    finally:
-        await emulator.stop()
 
 
 @pytest.fixture
@@ -249,7 +233,7 @@ async def test_a_drawer_request_while_the_cover_is_open_is_refused_with_the_prin
 
 async def test_drawer_requests_name_a_known_printer_and_need_a_terminal_token(
         start_agent: StartAgent, printer: EscposPrinterEmulator, scale):
-    scale_entry = f'[[devices]]\nname = "scale"\ntype = "scale"\nurl = "{scale.url}"\n{FAST}'
+    scale_entry = f'[[devices]]\nname = "scale"\ntype = "scale"\nurl = "{scale.url}"\n{FAST_DEVICE}'
     agent = await start_agent(drivers=DRIVERS, extra=printer_entry(printer) + scale_entry)
     code, body = await drawer(agent, "nope")
     assert code == 404 and body["error"]["code"] == "not_found"
@@ -267,7 +251,7 @@ async def test_drawer_requests_name_a_known_printer_and_need_a_terminal_token(
 
 async def test_a_stable_weight_is_returned_and_a_moving_one_is_409_weight_unstable(
         start_agent: StartAgent, scale, printer: EscposPrinterEmulator):
-    scale_entry = f'[[devices]]\nname = "scale"\ntype = "scale"\nurl = "{scale.url}"\n{FAST}'
+    scale_entry = f'[[devices]]\nname = "scale"\ntype = "scale"\nurl = "{scale.url}"\n{FAST_DEVICE}'
     agent = await start_agent(drivers=DRIVERS, extra=scale_entry + printer_entry(printer))
     await until(state_is(agent, "connected", "scale"))
     scale.set_weight("1.234")
@@ -292,7 +276,7 @@ async def test_a_stable_weight_is_returned_and_a_moving_one_is_409_weight_unstab
 
 
 async def test_a_weight_read_can_wait_for_the_platter_to_settle(start_agent: StartAgent, scale):
-    scale_entry = f'[[devices]]\nname = "scale"\ntype = "scale"\nurl = "{scale.url}"\n{FAST}'
+    scale_entry = f'[[devices]]\nname = "scale"\ntype = "scale"\nurl = "{scale.url}"\n{FAST_DEVICE}'
     agent = await start_agent(drivers=DRIVERS, extra=scale_entry)
     scale.set_weight("0.500")
     scale.motion(True)
@@ -302,7 +286,7 @@ async def test_a_weight_read_can_wait_for_the_platter_to_settle(start_agent: Sta
 
 
 async def test_an_unplugged_scale_is_503_device_unavailable(start_agent: StartAgent, scale):
-    scale_entry = f'[[devices]]\nname = "scale"\ntype = "scale"\nurl = "{scale.url}"\n{FAST}'
+    scale_entry = f'[[devices]]\nname = "scale"\ntype = "scale"\nurl = "{scale.url}"\n{FAST_DEVICE}'
     agent = await start_agent(drivers=DRIVERS, extra=scale_entry)
     await until(state_is(agent, "connected", "scale"))
     scale.unplug()

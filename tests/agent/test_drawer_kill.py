@@ -12,35 +12,17 @@ import asyncio
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-from conftest import STATUS_TOKEN, TOKENS, write_config
+from conftest import STATUS_TOKEN, TOKENS, printer_entry, write_config
 from test_daemon import tillsync_run
 
 from agent.config import load_config
 from drivers.emulators.escpos_printer import DrawerPulse, EscposPrinterEmulator
 
 ESC_P = b"\x1bp"  # the drawer pulse command, whatever its parameters
-FAST = "poll_s = 0.2\nreconnect_max_s = 0.3\nstatus_timeout_s = 0.5\nconnect_timeout_s = 1\n"
-
-
-def printer_entry(emulator: EscposPrinterEmulator) -> str:
-    return (f'[[devices]]\nname = "receipt"\ntype = "escpos"\n'
-            f'url = "tcp://127.0.0.1:{emulator.port}"\n{FAST}')
-
-
-@pytest.fixture
-async def printer() -> AsyncIterator[EscposPrinterEmulator]:
-    emulator = EscposPrinterEmulator(idle_timeout_s=5.0)
-    await emulator.start()
-    try:
-        yield emulator
-    finally:
-        await emulator.stop()
 
 
 async def receipt_state(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import RunningAgent, StartAgent, sale
+from conftest import RunningAgent, StartAgent, printer_entry, sale
 
 from agent.api import openapi_document
 from agent.printing import PrinterSink, job_payload, read_job, render_lines
@@ -31,23 +31,8 @@ from outbox.relay import EXPIRED
 
 DRIVERS = {"escpos": EscposPrinterDriver}
 OPENAPI = json.loads(openapi_document())
-FAST = "poll_s = 0.2\nreconnect_max_s = 0.3\n"
 
 
-def printer_entry(emulator: EscposPrinterEmulator, name: str = "receipt", extra: str = "") -> str:
-    return (f'[[devices]]\nname = "{name}"\ntype = "escpos"\n'
-            f'url = "tcp://127.0.0.1:{emulator.port}"\n{FAST}'
-            f"status_timeout_s = 0.5\nconnect_timeout_s = 1\n{extra}\n")
-
-
-@pytest.fixture
-async def printer() -> AsyncIterator[EscposPrinterEmulator]:
-    emulator = EscposPrinterEmulator(idle_timeout_s=5.0)
-    await emulator.start()
-    try:
-        yield emulator
-    finally:
-        await emulator.stop()
 
 
 async def until(check: Callable[[], Any], timeout_s: float = 8.0) -> None:

@@ -24,7 +24,7 @@ import aiohttp
 import jsonschema
 import pytest
 from aiohttp import web
-from conftest import TOKENS, RunningAgent, StartAgent
+from conftest import FAST_DEVICE, TOKENS, RunningAgent, StartAgent
 
 import agent.api
 import agent.runtime
@@ -38,7 +38,6 @@ from drivers.scale import MettlerToledo8217ScaleDriver
 from drivers.scanner import SerialScannerDriver
 
 DRIVERS = {"scanner": SerialScannerDriver, "toledo8217": MettlerToledo8217ScaleDriver}
-FAST = "poll_s = 0.2\nreconnect_max_s = 0.3\n"
 EAN = ["4006381333931", "5901234123457", "9780306406157"]  # valid check digits
 
 
@@ -81,7 +80,7 @@ def scale(tmp_path: Path) -> Iterator[MettlerToledo8217ScaleEmulator]:
 
 
 def entry(name: str, type_: str, url: str) -> str:
-    return f'[[devices]]\nname = "{name}"\ntype = "{type_}"\nurl = "{url}"\n{FAST}\n'
+    return f'[[devices]]\nname = "{name}"\ntype = "{type_}"\nurl = "{url}"\n{FAST_DEVICE}\n'
 
 
 async def until(check: Callable[[], Any], timeout_s: float = 5.0) -> None:
