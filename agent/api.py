@@ -27,6 +27,7 @@ from agent import canonical
 from agent.canonical import Accepted, InvalidEvent
 from agent.devices import MAX_WEIGHT_WAIT_S, DeviceRequestError, open_drawer, read_weight
 from agent.printing import PrintRequestError
+from agent.status import device_json
 from agent.stream import register as register_stream
 from outbox import (
     DedupeConflict,
@@ -281,7 +282,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def devices(request: web.Request) -> web.Response:
     """List configured devices with their state."""
-    return web.json_response({"devices": (await request.app[AGENT].status())["devices"]})
+    # Devices only: tills may poll this, and the full status also reads the outbox's counters.
+    devices = request.app[AGENT].device_statuses()
+    return web.json_response({"devices": [device_json(d) for d in devices]})
 
 
 def _device_error(err: DeviceRequestError) -> ApiError:

@@ -51,7 +51,7 @@ def build_status(*, version: str, store_id: str, started_at: float, now: float,
     """Build the ``GET /v1/status`` document with its verdict and the reasons for it."""
     sink_docs = [_sink(name, outbox, relays.get(name), configured=name in sinks)
                  for name in _sink_names(sinks, relays, outbox)]
-    device_docs = [_device(d) for d in devices]
+    device_docs = [device_json(d) for d in devices]
 
     failing: list[str] = []
     if not accepting:
@@ -152,7 +152,8 @@ def _outbox(outbox: OutboxStats | None) -> dict[str, Any]:
     }
 
 
-def _device(device: DeviceStatus) -> dict[str, Any]:
+def device_json(device: DeviceStatus) -> dict[str, Any]:
+    """Return one device as status and /v1/devices show it."""
     return {
         "name": device.name,
         "kind": device.kind,
