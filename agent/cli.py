@@ -137,6 +137,7 @@ def describe_failure(err: BaseException) -> tuple[int, str]:
     """Exit status and one line for any failure a command can meet."""
     from agent.config import ConfigError
     from agent.lockfile import LockHeld
+    from agent.operator import OperatorError
 
     if isinstance(err, ConfigError):
         return 2, str(err).replace("\n", "\ntillsync: ")
@@ -148,18 +149,9 @@ def describe_failure(err: BaseException) -> tuple[int, str]:
         return 1, str(err)
     if isinstance(err, OSError):
         return 1, f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
-    operator_error = _operator_error()
-    if operator_error is not None and isinstance(err, operator_error):
+    if isinstance(err, OperatorError):
         return 1, str(err)
     return 1, f"unexpected error: {type(err).__name__}: {err} (run with --debug for details)"
-
-
-def _operator_error() -> type[Exception] | None:
-    try:
-        from agent.operator import OperatorError
-    except ImportError:
-        return None
-    return OperatorError
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -255,6 +247,8 @@ async def _remote(args: argparse.Namespace) -> int:
 
 def _url_and_token(args: argparse.Namespace) -> tuple[str, str]:
     """Find the agent's URL and status token: flags, then environment, then config."""
+    from agent.operator import OperatorError
+
     url, token = args.url, args.token or os.environ.get(TOKEN_ENV)
     if url and token:
         return url, token
@@ -263,7 +257,7 @@ def _url_and_token(args: argparse.Namespace) -> tuple[str, str]:
         url = _url_of(config) if config is not None else DEFAULT_URL
     if token is None:
         if config is None:
-            raise _usage_error(f"no status token: pass --token, set ${TOKEN_ENV}, or make the"
+            raise OperatorError(f"no status token: pass --token, set ${TOKEN_ENV}, or make the"
                                " config file readable")
         token = config.api.status_token.get_secret_value()
     return url, token
@@ -286,7 +280,3 @@ def _url_of(config: Any) -> str:
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{config.api.port}"
 
-
-def _usage_error(message: str) -> Exception:
-    operator_error = _operator_error()
-    return operator_error(message) if operator_error else RuntimeError(message)
