@@ -345,6 +345,9 @@ class StandinCloud:
         self.requests: list[RequestRecord] = []
         self.body_mismatches: list[BodyMismatch] = []
         self.retry_after_violations: list[RetryAfterViolation] = []
+        # (answered at, not before) for every 429/503 that carried a Retry-After: a checker
+        # that allows for requests already in flight when the answer left reads these.
+        self.retry_after_given: list[tuple[float, float]] = []
 
         self._saved: dict[str, _Saved] = {}
         self._in_progress: set[str] = set()
@@ -552,6 +555,7 @@ class StandinCloud:
                 deadline = _retry_after_deadline(retry_after, self._clock())
                 if deadline is not None:
                     self._not_before = max(deadline, self._not_before or deadline)
+                    self.retry_after_given.append((self._clock(), deadline))
         if replayed:
             headers[REPLAYED_HEADER] = "true"
         if status == 401:

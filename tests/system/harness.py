@@ -1,0 +1,465 @@
+"""The system-test harness: a real ``tillsync run`` process, tills that behave like tills, a
+flapping stand-in cloud, and a checker in the style of Jepsen's queue checker.
+
+Only the external contract is used (CONTRACT.md): the agent is started as a subprocess on a
+config file, fed over HTTP, killed with SIGKILL, and judged by what the stand-in cloud
+committed. Nothing here reaches into the agent's memory.
+
+* ``AgentProcess`` starts ``python -m agent run --config`` (or another command line, for the
+  control run), waits for ``/readyz``, SIGKILLs it, starts it again. Its stderr goes to a
+  log file that a failure message points at.
+* ``Till`` is one POS terminal: it posts its sales one after another at a set pace and, like
+  a real till, posts the *same* sale again until it gets an answer (202 or 200): a refused
+  connection, a timeout, a 503 or a 507 all mean "try again". What got an answer is
+  *acknowledged*: the agent promised it would not be lost.
+* ``CloudFlapper`` cycles the cloud through healthy, down, 500s, 429 + Retry-After,
+  commit-then-drop and slow phases.
+* ``check`` counts, per business identity (terminal/transaction), the effects the cloud
+  committed against what the tills were told, and returns a ``Report`` whose every figure
+  but ``acknowledged`` must be zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from agent.standin.cloud import Fault, StandinCloud
+from outbox.crypto import create_key_file
+
+REPO = Path(__file__).resolve().parents[2]
+STATUS_TOKEN = "system-status-token-0123456789"
+DAY = "20261123"
+# A request the agent had already sent when a Retry-After answer left the cloud cannot have
+# honoured it; on loopback such requests arrive within milliseconds. Anything later is a
+# request the agent chose to send while it knew it had to wait.
+RETRY_AFTER_GRACE_S = 0.1
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def terminal_ids(n: int) -> list[str]:
+    """``T01`` … ``Tnn``."""
+    return [f"T{i:02d}" for i in range(1, n + 1)]
+
+
+def token_for(terminal: str) -> str:
+    """The bearer token the config gives ``terminal``."""
+    return f"system-till-{terminal}-token-0123456789"
+
+
+def write_agent_config(root: Path, *, sink_url: str | None, terminals: Sequence[str],
+                       outbox_path: Path | None = None, sink_extra: str = "",
+                       outbox_extra: str = "", extra: str = "") -> Path:
+    """Write ``root/agent.toml`` (and its key) for a system test; returns its path.
+
+    The sink retries fast (50 ms backoff base, 0.5 s cap) so that a test's healing phase
+    drains in seconds, and honours Retry-After up to 5 s.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    key = root / "outbox.key"
+    if not key.exists():
+        create_key_file(key)
+    outbox = outbox_path or root / "outbox.db"
+    tills = "".join(f'[[api.terminals]]\nid = "{t}"\ntoken = "{token_for(t)}"\n\n'
+                    for t in terminals)
+    sink = (f'[[sinks]]\nname = "cloud"\ntype = "webhook"\nurl = "{sink_url}"\n'
+            "timeout_s = 2\nbackoff_base_s = 0.05\nbackoff_cap_s = 0.5\n"
+            f"max_retry_after_s = 5\npause_recheck_s = 1\n{sink_extra}\n"
+            if sink_url else "")
+    text = (f'[store]\nid = "store-system"\n{extra}\n'
+            f'[api]\nlisten = "127.0.0.1:{free_port()}"\nstatus_token = "{STATUS_TOKEN}"\n\n'
+            f"{tills}"
+            f'[outbox]\npath = "{outbox}"\nkey_file = "{key}"\n{outbox_extra}\n'
+            f"{sink}")
+    path = root / "agent.toml"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def api_port(config: Path) -> int:
+    """The API port written in ``config`` (read back without importing the agent's loader)."""
+    for line in config.read_text().splitlines():
+        if line.startswith("listen = "):
+            return int(line.rsplit(":", 1)[1].rstrip('"'))
+    raise ValueError(f"no api.listen in {config}")
+
+
+def sale(terminal: str, seq: int) -> dict[str, Any]:
+    """A valid sale (CONTRACT §5) whose quantity, and so total, varies with ``seq``."""
+    quantity = 1 + seq % 5
+    unit = Decimal("1.99")
+    total = unit * quantity
+    return {
+        "transaction_id": f"{terminal}-{DAY}-{seq:06d}", "terminal_id": terminal,
+        "type": "sale", "occurred_at": "2026-11-23T10:15:00+01:00", "currency": "EUR",
+        "lines": [{"sku": "4006381333931", "description": "Ballpoint pen",
+                   "quantity": str(quantity), "unit_price": str(unit), "discount": "0.00",
+                   "tax_rate": "19"}],
+        "tenders": [{"method": "card", "amount": str(total), "change": "0.00"}],
+        "total": str(total),
+    }
+
+
+# -- the agent process ---------------------------------------------------------------------
+
+
+class AgentProcess:
+    """``tillsync run`` as a subprocess that can be SIGKILLed and started again."""
+
+    def __init__(self, config: Path, *, log_path: Path,
+                 command: Sequence[str] | None = None, env: dict[str, str] | None = None,
+                 ) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.command = list(command or [sys.executable, "-m", "agent"])
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.base = f"http://127.0.0.1:{api_port(config)}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self.kills = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's pid, if any."""
+        return None if self.proc is None or self.proc.returncode is not None else self.proc.pid
+
+    async def start(self, *, ready_timeout_s: float = 30.0) -> None:
+        """Start the process and wait until ``/readyz`` answers 200."""
+        assert self.pid is None, "already running"
+        with self.log_path.open("ab") as log:
+            log.write(f"--- start {self.starts + 1} at {time.time():.3f}\n".encode())
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.command, "run", "--config", str(self.config), cwd=REPO, env=self.env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+        self.starts += 1
+        await self.wait_ready(ready_timeout_s)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Poll ``/readyz``; raise with the log's tail if the process exits or times out."""
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.returncode is not None:
+                    raise RuntimeError(f"agent exited with {self.proc.returncode}:\n"
+                                       f"{self.log_tail()}")
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.get(f"{self.base}/readyz") as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.02)
+        raise TimeoutError(f"agent not ready in {timeout_s} s:\n{self.log_tail()}")
+
+    async def kill(self) -> None:
+        """SIGKILL the process (no shutdown code runs) and reap it."""
+        if self.pid is None:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+        self.kills += 1
+
+    async def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM and wait for a clean exit; return the exit code."""
+        if self.pid is None:
+            return 0 if self.proc is None else int(self.proc.returncode or 0)
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout_s)
+        except TimeoutError:
+            await self.kill()
+            raise
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the agent's log, for failure messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def status(self, http: aiohttp.ClientSession) -> dict[str, Any]:
+        """``GET /v1/status``."""
+        async with http.get(f"{self.base}/v1/status",
+                            headers={"Authorization": f"Bearer {STATUS_TOKEN}"}) as resp:
+            assert resp.status == 200, await resp.text()
+            return dict(await resp.json())
+
+
+async def kill_loop(agent: AgentProcess, *, kills: int, uptime_s: tuple[float, float],
+                    rng: random.Random) -> None:
+    """SIGKILL ``agent`` ``kills`` times, each a random ``uptime_s`` after it became ready,
+    and start it again each time (the last start is left running)."""
+    for _ in range(kills):
+        await asyncio.sleep(rng.uniform(*uptime_s))
+        await agent.kill()
+        await agent.start()
+
+
+# -- the tills -----------------------------------------------------------------------------
+
+
+@dataclass
+class Till:
+    """One POS terminal posting sales in order and re-posting each until it is answered."""
+
+    terminal: str
+    base: str
+    rate_per_s: float
+    timeout_s: float = 2.0
+    posted: dict[str, dict[str, Any]] = field(default_factory=dict)  # identity -> body
+    acked: list[str] = field(default_factory=list)  # identities, in the order answered
+    answers: Counter[int] = field(default_factory=Counter)
+    no_answer: int = 0  # attempts that got no HTTP answer (refused, reset, timed out)
+    refusals: list[tuple[int, str]] = field(default_factory=list)  # unexpected 4xx
+    next_seq: int = 1
+
+    async def run(self, stop: asyncio.Event, http: aiohttp.ClientSession) -> None:
+        """Post sales until ``stop`` is set; the sale in hand is always finished first."""
+        interval = 1.0 / self.rate_per_s
+        headers = {"Authorization": f"Bearer {token_for(self.terminal)}",
+                   "Content-Type": "application/json"}
+        next_at = time.monotonic()
+        while not stop.is_set():
+            body = sale(self.terminal, self.next_seq)
+            identity = f"{self.terminal}/{body['transaction_id']}"
+            self.posted[identity] = body
+            await self._post_until_answered(http, json.dumps(body).encode(), headers, identity)
+            self.next_seq += 1
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                next_at = time.monotonic()  # behind after an outage: no burst to catch up
+
+    async def _post_until_answered(self, http: aiohttp.ClientSession, data: bytes,
+                                   headers: dict[str, str], identity: str) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        while True:
+            try:
+                async with http.post(f"{self.base}/v1/transactions", data=data,
+                                     headers=headers, timeout=timeout) as resp:
+                    status = resp.status
+                    text = await resp.text()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                self.no_answer += 1
+                await asyncio.sleep(0.05)
+                continue
+            self.answers[status] += 1
+            if status in (200, 202):
+                self.acked.append(identity)
+                return
+            if status in (503, 507):
+                await asyncio.sleep(0.1)  # the agent is starting or full: try again later
+                continue
+            # Anything else is a refusal a real till would show its operator; the harness
+            # records it (the checker reports it) and moves on rather than spin.
+            self.refusals.append((status, text[:300]))
+            return
+
+
+# -- the cloud's moods ---------------------------------------------------------------------
+
+
+PHASES = ("healthy", "down", "http500", "throttled", "commit_then_drop", "slow")
+
+
+class CloudFlapper:
+    """Cycle the stand-in cloud through failure phases of ``phase_s`` seconds each."""
+
+    def __init__(self, cloud: StandinCloud, rng: random.Random,
+                 phase_s: tuple[float, float] = (0.5, 1.5)) -> None:
+        self.cloud = cloud
+        self.rng = rng
+        self.phase_s = phase_s
+        self.seen: Counter[str] = Counter()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flap until ``stop`` is set, then leave the cloud healthy."""
+        try:
+            while not stop.is_set():
+                phase = self.rng.choice(PHASES)
+                self.seen[phase] += 1
+                await self._enter(phase)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.rng.uniform(*self.phase_s))
+        finally:
+            await self.heal()
+
+    async def _enter(self, phase: str) -> None:
+        await self.heal()
+        cloud = self.cloud
+        if phase == "down":
+            await cloud.close_port()
+        elif phase == "http500":
+            cloud.down_status = 500
+        elif phase == "throttled":
+            cloud.down_status, cloud.down_retry_after = 429, "1"
+        elif phase == "commit_then_drop":
+            cloud.faults.extend(Fault.commit_then_drop() if i % 3 == 0 else Fault.slow(0.0)
+                                for i in range(60))
+        elif phase == "slow":
+            cloud.latency_s = 0.3
+
+    async def heal(self) -> None:
+        """Back to a healthy cloud: listening, no sticky faults, no queued faults."""
+        cloud = self.cloud
+        cloud.down_status, cloud.down_retry_after, cloud.latency_s = None, None, 0.0
+        cloud.faults.clear()
+        await cloud.open_port()
+
+
+# -- the checker ---------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What a run did to the tills' sales. Every figure but ``acknowledged`` must be 0."""
+
+    acknowledged: int = 0
+    lost: list[str] = field(default_factory=list)
+    duplicated: dict[str, int] = field(default_factory=dict)
+    body_mismatches: list[str] = field(default_factory=list)
+    retry_after_violations: int = 0
+    order_violations: list[str] = field(default_factory=list)
+    phantoms: list[str] = field(default_factory=list)  # effects nobody posted
+    refusals: list[str] = field(default_factory=list)  # unexpected 4xx to a till
+
+    @property
+    def clean(self) -> bool:
+        """Whether nothing went wrong."""
+        return not (self.lost or self.duplicated or self.body_mismatches
+                    or self.retry_after_violations or self.order_violations
+                    or self.phantoms or self.refusals)
+
+    def figures(self) -> dict[str, int]:
+        """The counts, for a table."""
+        return {"acknowledged": self.acknowledged, "lost": len(self.lost),
+                "duplicated": sum(n - 1 for n in self.duplicated.values()),
+                "body_mismatches": len(self.body_mismatches),
+                "retry_after_violations": self.retry_after_violations,
+                "order_violations": len(self.order_violations),
+                "phantoms": len(self.phantoms), "refusals": len(self.refusals)}
+
+    def __str__(self) -> str:
+        text = ", ".join(f"{k}={v}" for k, v in self.figures().items())
+        for name in ("lost", "body_mismatches", "order_violations", "phantoms", "refusals"):
+            items = getattr(self, name)
+            if items:
+                text += f"\n  {name}: {items[:5]}"
+        if self.duplicated:
+            text += f"\n  duplicated: {list(self.duplicated.items())[:5]}"
+        return text
+
+
+def _seq(identity: str) -> int:
+    return int(identity.rsplit("-", 1)[1])
+
+
+def retry_after_violations(cloud: StandinCloud, grace_s: float = RETRY_AFTER_GRACE_S) -> int:
+    """Requests that arrived while a Retry-After was in force, counted from ``grace_s`` after
+    it was answered (requests already on the wire then could not have known)."""
+    windows = sorted((at + grace_s, deadline - cloud.retry_after_slack_s)
+                     for at, deadline in cloud.retry_after_given)
+    merged: list[list[float]] = []
+    for start, end in windows:
+        if start >= end:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    starts = [w[0] for w in merged]
+    count = 0
+    for record in cloud.requests:
+        i = bisect.bisect_right(starts, record.at) - 1
+        if i >= 0 and record.at < merged[i][1]:
+            count += 1
+    return count
+
+
+def check(tills: Sequence[Till], cloud: StandinCloud) -> Report:
+    """Compare what the tills were told with what the cloud committed."""
+    posted: dict[str, dict[str, Any]] = {}
+    report = Report()
+    for till in tills:
+        posted.update(till.posted)
+        report.acknowledged += len(till.acked)
+        report.refusals += [f"{till.terminal}: {status} {text}" for status, text in till.refusals]
+    effects: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    first_order: dict[str, list[str]] = defaultdict(list)
+    for effect in cloud.effects:
+        identity = cloud.identity_of(effect)
+        if identity not in effects:
+            first_order[identity.split("/", 1)[0]].append(identity)
+        effects[identity].append(effect.envelope.get("data") or {})
+    for till in tills:
+        for identity in till.acked:
+            if not effects.get(identity):
+                report.lost.append(identity)
+    for identity, datas in effects.items():
+        if identity not in posted:
+            report.phantoms.append(identity)
+            continue
+        if len(datas) > 1:
+            report.duplicated[identity] = len(datas)
+        body = posted[identity]
+        for data in datas:
+            if (data.get("total") != body["total"]
+                    or data.get("lines", [{}])[0].get("quantity")
+                    != body["lines"][0]["quantity"]):
+                report.body_mismatches.append(identity)
+    report.body_mismatches += [f"key {m.key}" for m in cloud.body_mismatches]
+    for terminal, identities in first_order.items():
+        highest = 0
+        for identity in identities:
+            seq = _seq(identity)
+            if seq < highest:
+                report.order_violations.append(f"{identity} after seq {highest}")
+            highest = max(highest, seq)
+    report.retry_after_violations = retry_after_violations(cloud)
+    return report
+
+
+async def wait_drained(agent: AgentProcess, cloud: StandinCloud, timeout_s: float) -> None:
+    """Wait until the agent's outbox owes nothing and the cloud has been quiet for a moment.
+
+    It does not wait for particular sales: a sale the agent lost never arrives, and saying
+    so is the checker's job, not a timeout's.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_effects, quiet_since = -1, time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            outbox = (await agent.status(http))["outbox"]
+            if len(cloud.effects) != last_effects:
+                last_effects, quiet_since = len(cloud.effects), time.monotonic()
+            if (outbox["pending"] == 0 and outbox["in_doubt"] == 0
+                    and time.monotonic() - quiet_since >= 0.5):
+                return
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"the outbox did not drain in {timeout_s} s\n{agent.log_tail()}")
