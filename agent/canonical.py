@@ -307,24 +307,41 @@ CARD_MESSAGE = ("holds what looks like a payment card number (13 to 19 digits th
 
 
 def _card_paths(value: Any, path: str) -> Iterator[str]:
-    # Iterative, so a deeply nested value cannot exhaust the stack.
+    # Iterative, so a deeply nested value cannot exhaust the stack. A path is spelled out
+    # only for containers and for scalars long enough to hold 13 digits: building every
+    # leaf's path cost more than the Luhn scan itself on an ordinary sale.
     stack: list[tuple[str, Any]] = [(path, value)]
     while stack:
         here, item = stack.pop()
         if isinstance(item, dict):
             children = []
             for index, (key, child) in enumerate(item.items()):
-                name = key
                 if _holds_card(key):
                     name = f"<key {index}>"
                     yield _join(here, name)
-                children.append((_join(here, name), child))
+                    children.append((_join(here, name), child))
+                elif _may_hold_card(child):
+                    children.append((_join(here, key), child))
             stack.extend(reversed(children))
         elif isinstance(item, list):
-            stack.extend(reversed([(f"{here}[{i}]", c) for i, c in enumerate(item)]))
+            stack.extend(reversed([(f"{here}[{i}]", c) for i, c in enumerate(item)
+                                   if _may_hold_card(c)]))
         elif _scalar_holds_card(item, _ID_DIGIT_RUN if here in _ID_PATHS else _DIGIT_RUN):
             if not (_SKU_PATH.fullmatch(here) and _is_gtin_sku(item)):
                 yield here
+
+
+def _may_hold_card(value: Any) -> bool:
+    """Whether ``value`` needs a closer look: a container, or a scalar of 13+ characters."""
+    if isinstance(value, str):
+        return len(value) >= 13
+    if isinstance(value, (dict, list)):
+        return True
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, int):
+        return not -10**12 < value < 10**12
+    return isinstance(value, float)  # repr decides; rare enough to check in full
 
 
 def _join(path: str, key: str) -> str:
