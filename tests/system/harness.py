@@ -140,6 +140,7 @@ class AgentProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.kills = 0
+        self.ready_at: list[float] = []  # wall-clock times each start answered /readyz
 
     @property
     def pid(self) -> int | None:
@@ -168,6 +169,7 @@ class AgentProcess:
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     async with http.get(f"{self.base}/readyz") as resp:
                         if resp.status == 200:
+                            self.ready_at.append(time.time())
                             return
                 await asyncio.sleep(0.02)
         raise TimeoutError(f"agent not ready in {timeout_s} s:\n{self.log_tail()}")
