@@ -90,6 +90,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -824,8 +825,76 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="delay every answer by SECONDS (default: %(default)s)",
     )
+    parser.add_argument(
+        "--report",
+        metavar="FILE",
+        help=(
+            "on SIGTERM/SIGINT, write what happened as JSON to FILE: every committed effect "
+            "(key, identity, envelope), every request (arrival time, outcome), body mismatches "
+            "and Retry-After answers, so a run can be judged after the process is gone"
+        ),
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return parser
+
+
+def report_document(cloud: StandinCloud) -> dict[str, Any]:
+    """Everything a checker needs to judge a run, as plain JSON (times are unix seconds).
+
+    A cloud running as a subprocess, e.g. inside a network namespace, cannot be inspected
+    live; this is the same view the object gives (``effects``, ``identity_of``,
+    ``requests``, ``body_mismatches``, ``retry_after_given``), written once at exit.
+    """
+    return {
+        "effects": [
+            {
+                "seq": e.seq,
+                "key": e.key,
+                "identity": cloud.identity_of(e),
+                "event_id": e.event_id,
+                "envelope": e.envelope,
+                "body_sha256": hashlib.sha256(e.body).hexdigest(),
+                "at": e.at,
+                "arrived_at": e.arrived_at,
+            }
+            for e in cloud.effects
+        ],
+        "requests": [
+            {
+                "at": r.at,
+                "method": r.method,
+                "path": r.path,
+                "key": r.key,
+                "status": r.status,
+                "outcome": r.outcome,
+            }
+            for r in cloud.requests
+        ],
+        "body_mismatches": [
+            {
+                "at": m.at,
+                "key": m.key,
+                "original_sha256": hashlib.sha256(m.original_body).hexdigest(),
+                "new_sha256": hashlib.sha256(m.new_body).hexdigest(),
+            }
+            for m in cloud.body_mismatches
+        ],
+        "retry_after_given": [[at, deadline] for at, deadline in cloud.retry_after_given],
+        "retry_after_violations": [
+            {"at": v.at, "not_before": v.not_before, "method": v.method, "path": v.path,
+             "key": v.key}
+            for v in cloud.retry_after_violations
+        ],
+        "retry_after_slack_s": cloud.retry_after_slack_s,
+    }
+
+
+def _write_report(path: str, cloud: StandinCloud) -> None:
+    # Written to a temporary name and renamed: a reader never sees half a document.
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(report_document(cloud), out)
+    os.replace(tmp, path)
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -846,6 +915,9 @@ async def _serve(args: argparse.Namespace) -> None:
     finally:
         await cloud.stop()
         log.info("stopped after %d effects, %d requests", len(cloud.effects), len(cloud.requests))
+        if args.report:
+            # After stop: requests cut off by the shutdown are recorded as abandoned.
+            _write_report(args.report, cloud)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

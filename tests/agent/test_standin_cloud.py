@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -446,5 +447,40 @@ async def test_the_standalone_help_explains_the_options() -> None:
         sys.executable, "-m", "agent.standin.cloud", "--help", stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 0
-    for option in (b"--port", b"--token", b"--secret", b"--key-ttl", b"Idempotency-Key"):
+    for option in (b"--port", b"--token", b"--secret", b"--key-ttl", b"--report",
+                   b"Idempotency-Key"):
         assert option in out
+
+
+async def test_the_standalone_report_option_writes_effects_and_requests_on_sigterm(
+        session: aiohttp.ClientSession, tmp_path: Path) -> None:
+    report = tmp_path / "cloud.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.standin.cloud", "--port", "0", "--report", str(report),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        url = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode().strip()
+        key, body = event()
+        _, other = event(total="9.99")
+        before = time.time()
+        assert (await post(session, url, key, body))[0] == 201
+        assert (await post(session, url, key, body))[0] == 201  # the replay
+        assert (await post(session, url, key, other))[0] == 422
+        assert not report.exists()  # written at exit, once
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    doc = json.loads(report.read_text())
+    [effect] = doc["effects"]
+    assert effect["key"] == key and effect["identity"] == "T01/T01-000001"
+    assert effect["envelope"]["data"]["total"] == "3.98"
+    assert effect["at"] >= before
+    assert [r["outcome"] for r in doc["requests"]] == ["committed", "replayed", "key_reused"]
+    assert [r["status"] for r in doc["requests"]] == [201, 201, 422]
+    assert [m["key"] for m in doc["body_mismatches"]] == [key]
+    assert doc["retry_after_given"] == [] and doc["retry_after_violations"] == []
+    assert doc["retry_after_slack_s"] > 0
