@@ -29,6 +29,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from collections import Counter, defaultdict
@@ -141,6 +142,7 @@ class AgentProcess:
         self.starts = 0
         self.kills = 0
         self.ready_at: list[float] = []  # wall-clock times each start answered /readyz
+        self._started_at: list[float] = []
 
     @property
     def pid(self) -> int | None:
@@ -150,8 +152,9 @@ class AgentProcess:
     async def start(self, *, ready_timeout_s: float = 30.0) -> None:
         """Start the process and wait until ``/readyz`` answers 200."""
         assert self.pid is None, "already running"
+        self._started_at.append(time.time())
         with self.log_path.open("ab") as log:
-            log.write(f"--- start {self.starts + 1} at {time.time():.3f}\n".encode())
+            log.write(f"--- start {self.starts + 1} at {self._started_at[-1]:.3f}\n".encode())
             self.proc = await asyncio.create_subprocess_exec(
                 *self.command, "run", "--config", str(self.config), cwd=REPO, env=self.env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
@@ -195,6 +198,13 @@ class AgentProcess:
             await self.kill()
             raise
 
+    def mean_restart_s(self) -> float:
+        """Mean time from a start to ``/readyz`` answering, over every start so far."""
+        starts = self._started_at[: len(self.ready_at)]
+        if not starts:
+            return 0.0
+        return sum(r - s for s, r in zip(starts, self.ready_at, strict=True)) / len(starts)
+
     def log_tail(self, lines: int = 40) -> str:
         """The end of the agent's log, for failure messages."""
         try:
@@ -234,6 +244,9 @@ class Till:
     timeout_s: float = 2.0
     posted: dict[str, dict[str, Any]] = field(default_factory=dict)  # identity -> body
     acked: list[str] = field(default_factory=list)  # identities, in the order answered
+    # Acknowledged only on a re-post (200, "already accepted") after an attempt that got no
+    # answer: the agent had committed it when it died. Jepsen's "recovered".
+    recovered: list[str] = field(default_factory=list)
     answers: Counter[int] = field(default_factory=Counter)
     no_answer: int = 0  # attempts that got no HTTP answer (refused, reset, timed out)
     refusals: list[tuple[int, str]] = field(default_factory=list)  # unexpected 4xx
@@ -261,6 +274,7 @@ class Till:
     async def _post_until_answered(self, http: aiohttp.ClientSession, data: bytes,
                                    headers: dict[str, str], identity: str) -> None:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        unanswered = False
         while True:
             try:
                 async with http.post(f"{self.base}/v1/transactions", data=data,
@@ -269,11 +283,14 @@ class Till:
                     text = await resp.text()
             except (aiohttp.ClientError, OSError, TimeoutError):
                 self.no_answer += 1
+                unanswered = True
                 await asyncio.sleep(0.05)
                 continue
             self.answers[status] += 1
             if status in (200, 202):
                 self.acked.append(identity)
+                if status == 200 and unanswered:
+                    self.recovered.append(identity)
                 return
             if status in (503, 507):
                 await asyncio.sleep(0.1)  # the agent is starting or full: try again later
@@ -340,36 +357,46 @@ class CloudFlapper:
 
 @dataclass
 class Report:
-    """What a run did to the tills' sales. Every figure but ``acknowledged`` must be 0."""
+    """What a run did to the tills' sales, in Jepsen's queue-checker categories plus ours.
+
+    Jepsen's: *lost* (acknowledged, never committed by the cloud), *duplicated* (committed
+    more than once), *unexpected* (committed, never posted), *recovered* (an attempt went
+    unanswered, the sale was committed anyway: allowed). Ours: body mismatches (an effect
+    whose content differs from what the till posted, or a key resent with other bytes),
+    Retry-After violations, per-terminal order violations, and refusals (a 4xx to a valid
+    sale). Every figure but ``acknowledged`` and ``recovered`` must be 0.
+    """
 
     acknowledged: int = 0
+    recovered: int = 0
     lost: list[str] = field(default_factory=list)
     duplicated: dict[str, int] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
     body_mismatches: list[str] = field(default_factory=list)
     retry_after_violations: int = 0
     order_violations: list[str] = field(default_factory=list)
-    phantoms: list[str] = field(default_factory=list)  # effects nobody posted
-    refusals: list[str] = field(default_factory=list)  # unexpected 4xx to a till
+    refusals: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         """Whether nothing went wrong."""
-        return not (self.lost or self.duplicated or self.body_mismatches
-                    or self.retry_after_violations or self.order_violations
-                    or self.phantoms or self.refusals)
+        return not (self.lost or self.duplicated or self.unexpected or self.body_mismatches
+                    or self.retry_after_violations or self.order_violations or self.refusals)
 
     def figures(self) -> dict[str, int]:
         """The counts, for a table."""
-        return {"acknowledged": self.acknowledged, "lost": len(self.lost),
+        return {"acknowledged": self.acknowledged, "recovered": self.recovered,
+                "lost": len(self.lost),
                 "duplicated": sum(n - 1 for n in self.duplicated.values()),
+                "unexpected": len(self.unexpected),
                 "body_mismatches": len(self.body_mismatches),
                 "retry_after_violations": self.retry_after_violations,
                 "order_violations": len(self.order_violations),
-                "phantoms": len(self.phantoms), "refusals": len(self.refusals)}
+                "refusals": len(self.refusals)}
 
     def __str__(self) -> str:
         text = ", ".join(f"{k}={v}" for k, v in self.figures().items())
-        for name in ("lost", "body_mismatches", "order_violations", "phantoms", "refusals"):
+        for name in ("lost", "unexpected", "body_mismatches", "order_violations", "refusals"):
             items = getattr(self, name)
             if items:
                 text += f"\n  {name}: {items[:5]}"
@@ -411,6 +438,7 @@ def check(tills: Sequence[Till], cloud: StandinCloud) -> Report:
     for till in tills:
         posted.update(till.posted)
         report.acknowledged += len(till.acked)
+        report.recovered += len(till.recovered)
         report.refusals += [f"{till.terminal}: {status} {text}" for status, text in till.refusals]
     effects: dict[str, list[dict[str, Any]]] = defaultdict(list)
     first_order: dict[str, list[str]] = defaultdict(list)
@@ -425,7 +453,7 @@ def check(tills: Sequence[Till], cloud: StandinCloud) -> Report:
                 report.lost.append(identity)
     for identity, datas in effects.items():
         if identity not in posted:
-            report.phantoms.append(identity)
+            report.unexpected.append(identity)
             continue
         if len(datas) > 1:
             report.duplicated[identity] = len(datas)
@@ -436,7 +464,7 @@ def check(tills: Sequence[Till], cloud: StandinCloud) -> Report:
                     != body["lines"][0]["quantity"]):
                 report.body_mismatches.append(identity)
     report.body_mismatches += [f"key {m.key}" for m in cloud.body_mismatches]
-    for terminal, identities in first_order.items():
+    for identities in first_order.values():
         highest = 0
         for identity in identities:
             seq = _seq(identity)
@@ -445,6 +473,13 @@ def check(tills: Sequence[Till], cloud: StandinCloud) -> Report:
             highest = max(highest, seq)
     report.retry_after_violations = retry_after_violations(cloud)
     return report
+
+
+def integrity_check(db: Path) -> str:
+    """``PRAGMA integrity_check`` of the outbox file (metadata is plain; payloads are
+    encrypted, which the agent's own open verifies); "ok" when sound."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
 
 
 async def wait_drained(agent: AgentProcess, cloud: StandinCloud, timeout_s: float) -> None:

@@ -10,8 +10,9 @@ The run, as in RELIABILITY.md:
    slow phases.
 4. The tills stop, the cloud heals, the last agent drains the backlog.
 5. The checker compares what the tills were told with what the cloud committed: lost,
-   duplicated, body mismatches, Retry-After violations, per-terminal order violations,
-   phantoms and unexpected refusals must all be 0.
+   duplicated and unexpected (Jepsen's queue categories), body mismatches, Retry-After
+   violations, per-terminal order violations and refusals must all be 0, and the outbox file
+   must pass ``PRAGMA integrity_check``.
 
 The control run (``test_the_checker_catches_an_agent_that_acknowledges_before_commit``)
 does the same to an agent patched to answer 202 before the outbox commit
@@ -42,6 +43,7 @@ from tests.system.harness import (
     Report,
     Till,
     check,
+    integrity_check,
     kill_loop,
     terminal_ids,
     wait_drained,
@@ -87,13 +89,15 @@ async def chaos_run(tmp_path: Path, *, kills: int, seed: int,
             await wait_drained(agent, cloud, timeout_s=120)
         assert await agent.stop() == 0, agent.log_tail()
         report = check(tills, cloud)
+        integrity = integrity_check(tmp_path / "outbox.db")
         facts: dict[str, object] = {
             "seed": seed, "kills": agent.kills, "chaos_s": round(chaos_s, 1),
             "offered_per_s": round(sum(t.next_seq - 1 for t in tills) / chaos_s, 1),
             "answers": dict(sum((t.answers for t in tills), start=type(tills[0].answers)())),
             "unanswered_attempts": sum(t.no_answer for t in tills),
             "cloud_requests": len(cloud.requests), "cloud_effects": len(cloud.effects),
-            "phases": dict(flapper.seen), **report.figures(),
+            "phases": dict(flapper.seen), "integrity_check": integrity,
+            "mean_restart_to_ready_s": round(agent.mean_restart_s(), 2), **report.figures(),
         }
         return report, facts
 
@@ -112,6 +116,7 @@ async def test_sigkill_every_few_seconds_with_a_flapping_cloud_loses_and_doubles
     # Enough work went through for the kills to mean something.
     assert report.acknowledged >= KILLS * 50, facts
     assert report.clean, f"seed {SEED}: {report}\n{facts}"
+    assert facts["integrity_check"] == "ok", facts
 
 
 async def test_the_checker_catches_an_agent_that_acknowledges_before_commit(tmp_path: Path):
