@@ -11,6 +11,7 @@ again gets ``200`` with the same body; a different event under the same ids gets
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 1024
+# The whole body must arrive within this (docs/security.md): a till on the LAN sends 256 KiB
+# in well under a second, while a client trickling a body byte by byte would otherwise hold
+# its connection and handler for ever (aiohttp has no body-read timeout).
+BODY_TIMEOUT_S = 15.0
 AGENT: web.AppKey[Agent] = web.AppKey("agent")
 TERMINAL: web.RequestKey[TerminalConfig | None] = web.RequestKey("terminal")
 Role = Literal["terminal", "status", "any"]
@@ -56,18 +61,24 @@ class ApiError(Exception):
 
     def __init__(self, status: int, code: str, message: str,
                  details: list[dict[str, Any]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details or []
         self.headers = headers or {}
+        # The body was not (all) read: the connection cannot carry another request, so the
+        # answer says "Connection: close" rather than invite the client to reuse it.
+        self.close = close
 
     def response(self) -> web.Response:
         """Render as the contract's error body."""
         body = {"error": {"code": self.code, "message": self.message, "details": self.details}}
-        return web.json_response(body, status=self.status, headers=self.headers)
+        response = web.json_response(body, status=self.status, headers=self.headers)
+        if self.close:
+            response.force_close()
+        return response
 
 
 # -- the application ---------------------------------------------------------------------
@@ -125,8 +136,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return err.response()
     except web.HTTPRequestEntityTooLarge:
         _count_rejection(request, "too_large")
-        return ApiError(413, "too_large",
-                        f"the body is over the limit of {MAX_BODY_BYTES} bytes").response()
+        return ApiError(413, "too_large", f"the body is over the limit of {MAX_BODY_BYTES} bytes",
+                        close=True).response()
     except web.HTTPException as err:
         if err.status < 400:
             raise
@@ -344,7 +355,7 @@ async def _ingest(request: web.Request, parse: Callable[[bytes], Accepted]) -> w
     agent = request.app[AGENT]
     terminal = request[TERMINAL]
     assert terminal is not None  # the auth gate admits only terminal tokens here
-    body = await request.read()
+    body = await read_body(request)
     try:
         accepted = parse(body)
     except InvalidEvent as err:
@@ -383,6 +394,23 @@ async def _ingest(request: web.Request, parse: Callable[[bytes], Accepted]) -> w
     return web.json_response(answer, status=202 if appended.created else 200)
 
 
+async def read_body(request: web.Request) -> bytes:
+    """Read the body (at most ``MAX_BODY_BYTES``); 408 if it is not in within BODY_TIMEOUT_S."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(408, "request_timeout",
+                       f"the body did not arrive within {BODY_TIMEOUT_S:g} s", close=True) from None
+    except web.RequestPayloadError as err:
+        # A body that cannot be decoded (a broken gzip or deflate stream, a bad chunk) was
+        # answered 500 "internal error" before; it is the client's body that is bad.
+        reason = " ".join(str(err).split())
+        raise ApiError(422, "invalid_json", f"body: cannot be read: {reason}",
+                       [{"field": "", "code": "unreadable_body",
+                         "message": f"cannot be read: {reason}"}], close=True) from None
+
+
 def _outbox_refusal(agent: Agent, err: OutboxError, what: str) -> ApiError:
     """Turn an append the outbox refused into 507 (full) or 503 (cannot write now)."""
     if isinstance(err, OutboxFull):
@@ -400,7 +428,7 @@ async def post_print(request: web.Request) -> web.Response:
     terminal = request[TERMINAL]
     assert terminal is not None  # the auth gate admits only terminal tokens here
     try:
-        job_id, appended = await agent.queue_print(terminal.id, await request.read())
+        job_id, appended = await agent.queue_print(terminal.id, await read_body(request))
     except PrintRequestError as err:
         raise ApiError(err.status, err.code, err.message, err.details) from None
     except OutboxError as err:

@@ -10,6 +10,8 @@ Start order (each an aiohttp cleanup context, so stop runs in exactly the revers
 
 Then the listening socket opens and systemd hears ``READY=1``; on stop, ``STOPPING=1``.
 
+The listening socket is guarded against hostile or broken clients by ``agent.guard``.
+
 ``run`` serves until SIGTERM or SIGINT, then stops accepting connections, lets requests in
 progress finish (each answered only after its commit), gives deliveries in flight
 ``stop_grace_s`` to finish, and closes the store. Whatever did not finish is pending again
@@ -34,6 +36,13 @@ from agent import printing
 from agent.api import build_app, own_host_names
 from agent.config import AgentConfig, EscposDeviceConfig, TerminalConfig
 from agent.devices import build_manager, status_rows
+from agent.guard import (
+    IDLE_TIMEOUT_S,
+    LINGER_S,
+    ClientFaultLog,
+    ConnectionGuard,
+    connection_limit,
+)
 from agent.lockfile import exclusive
 from agent.metrics import Metrics
 from agent.sdnotify import Notifier
@@ -52,8 +61,6 @@ DISK_CHECK_INTERVAL_S = 60
 DB_CHECK_HOUR = 3  # local time: the daily check reads the whole file while the shop is shut
 FULL_REPORT_S = 60.0  # "outbox full" stays in status this long after the last refusal
 SHUTDOWN_BUDGET_S = 20.0  # requests in progress; systemd's TimeoutStopSec is 30 s
-
-
 class Agent:
     """Everything one running agent owns."""
 
@@ -81,12 +88,14 @@ class Agent:
         self._full_at: float | None = None
         self._full_reason = ""
         self._scheduler: AsyncIOScheduler | None = None
+        self.connections = ConnectionGuard(connection_limit())
 
     # -- the application ---------------------------------------------------------------
 
     def app(self) -> web.Application:
         """Build the aiohttp application with this agent's lifecycle attached."""
         app = build_app(self)
+        app.middlewares.insert(0, self.connections.middleware)
         app.cleanup_ctx.extend([self._outbox_ctx, self._devices_ctx, self._relays_ctx,
                                 self._scheduler_ctx])
         return app
@@ -266,7 +275,8 @@ async def serve(config: AgentConfig, *, notifier: Notifier | None = None,
     """Run the agent until ``stop`` is set or SIGTERM/SIGINT arrives."""
     agent = Agent(config, notifier=notifier, drivers=drivers)
     runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_BUDGET_S)
+                           shutdown_timeout=SHUTDOWN_BUDGET_S,
+                           keepalive_timeout=IDLE_TIMEOUT_S, lingering_time=LINGER_S)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -278,6 +288,10 @@ async def serve(config: AgentConfig, *, notifier: Notifier | None = None,
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop.set))
     await runner.setup()
+    assert runner.server is not None  # set by setup()
+    agent.connections.attach(runner.server)
+    client_faults = ClientFaultLog()
+    logging.getLogger("aiohttp.server").addFilter(client_faults)
     try:
         site = web.TCPSite(runner, config.api.host, config.api.port)
         await site.start()
@@ -289,4 +303,5 @@ async def serve(config: AgentConfig, *, notifier: Notifier | None = None,
         log.info("stopping: no new connections; finishing requests and deliveries")
     finally:
         await runner.cleanup()
+        logging.getLogger("aiohttp.server").removeFilter(client_faults)
     log.info("stopped")
