@@ -69,37 +69,40 @@ async def chaos_run(tmp_path: Path, *, kills: int, seed: int,
     async with StandinCloud() as cloud:
         config = write_agent_config(tmp_path, sink_url=cloud.url, terminals=TERMINALS)
         agent = AgentProcess(config, log_path=tmp_path / "agent.log", command=command)
-        await agent.start()
-        stop_tills, stop_flapping = asyncio.Event(), asyncio.Event()
-        tills = [Till(t, agent.base, RATE_PER_TILL) for t in TERMINALS]
-        flapper = CloudFlapper(cloud, rng)
-        started = time.monotonic()
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as http:
-            till_tasks = [asyncio.create_task(till.run(stop_tills, http)) for till in tills]
-            flapping = asyncio.create_task(flapper.run(stop_flapping))
-            try:
-                await kill_loop(agent, kills=kills, uptime_s=UPTIME_S, rng=rng)
-                await asyncio.sleep(1.0)  # the last agent takes sales in a calm moment too
-            finally:
-                stop_tills.set()
-                stop_flapping.set()
-                await asyncio.gather(*till_tasks, flapping)
-            chaos_s = time.monotonic() - started
-            await wait_drained(agent, cloud, timeout_s=120)
-        assert await agent.stop() == 0, agent.log_tail()
-        report = check(tills, cloud)
-        integrity = integrity_check(tmp_path / "outbox.db")
-        facts: dict[str, object] = {
-            "seed": seed, "kills": agent.kills, "chaos_s": round(chaos_s, 1),
-            "offered_per_s": round(sum(t.next_seq - 1 for t in tills) / chaos_s, 1),
-            "answers": dict(sum((t.answers for t in tills), start=type(tills[0].answers)())),
-            "unanswered_attempts": sum(t.no_answer for t in tills),
-            "cloud_requests": len(cloud.requests), "cloud_effects": len(cloud.effects),
-            "phases": dict(flapper.seen), "integrity_check": integrity,
-            "mean_restart_to_ready_s": round(agent.mean_restart_s(), 2), **report.figures(),
-        }
-        return report, facts
+        try:
+            await agent.start()
+            stop_tills, stop_flapping = asyncio.Event(), asyncio.Event()
+            tills = [Till(t, agent.base, RATE_PER_TILL) for t in TERMINALS]
+            flapper = CloudFlapper(cloud, rng)
+            started = time.monotonic()
+            connector = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                till_tasks = [asyncio.create_task(till.run(stop_tills, http)) for till in tills]
+                flapping = asyncio.create_task(flapper.run(stop_flapping))
+                try:
+                    await kill_loop(agent, kills=kills, uptime_s=UPTIME_S, rng=rng)
+                    await asyncio.sleep(1.0)  # the last agent takes sales in a calm moment too
+                finally:
+                    stop_tills.set()
+                    stop_flapping.set()
+                    await asyncio.gather(*till_tasks, flapping)
+                chaos_s = time.monotonic() - started
+                await wait_drained(agent, cloud, timeout_s=120)
+            assert await agent.stop() == 0, agent.log_tail()
+            report = check(tills, cloud)
+            integrity = integrity_check(tmp_path / "outbox.db")
+            facts: dict[str, object] = {
+                "seed": seed, "kills": agent.kills, "chaos_s": round(chaos_s, 1),
+                "offered_per_s": round(sum(t.next_seq - 1 for t in tills) / chaos_s, 1),
+                "answers": dict(sum((t.answers for t in tills), start=type(tills[0].answers)())),
+                "unanswered_attempts": sum(t.no_answer for t in tills),
+                "cloud_requests": len(cloud.requests), "cloud_effects": len(cloud.effects),
+                "phases": dict(flapper.seen), "integrity_check": integrity,
+                "mean_restart_to_ready_s": round(agent.mean_restart_s(), 2), **report.figures(),
+            }
+            return report, facts
+        finally:
+            await agent.kill()  # a failed run must not leave an agent behind
 
 
 async def test_sigkill_every_few_seconds_with_a_flapping_cloud_loses_and_doubles_nothing(
