@@ -7,7 +7,8 @@
   flight at a time, so 8-way concurrency needs at least 8) at durability "full", not timed.
 - Relay drain: ``WebhookSink`` + ``Relay`` with ``concurrency = 8`` and a bearer token, timed
   from ``start()`` until every delivery is settled as delivered. Each delivery costs a claim,
-  a POST and a settle, group-committed with fsync like production.
+  a POST and a settle; claims and settles travel in the relay's rounds (one transaction and
+  one fsync each, durability "full"), like production.
 - Bare client: 8 coroutines POSTing the very same bodies and headers (built beforehand,
   untimed) through one aiohttp session limited to 8 connections; nothing stored. It runs
   first, after an untimed warm-up of the sink.

@@ -55,6 +55,11 @@ The store does not decide outcomes: the relay classifies each attempt once (deli
 retry at T / in doubt at T / dead) and ``settle`` records it. The store never drops an event
 for age or attempt count.
 
+A relay works in *rounds*: ``settle_and_claim`` records the verdicts reached since its last
+round, gives back claims it did not attempt, then claims the next due heads, all in one
+transaction. A stream whose head was just settled hands out its next event in that same
+commit, and one fsync serves every delivery of the round.
+
 Writer and group commit
 -----------------------
 One connection, owned by one writer task, does every write and every checkpoint. (SQLite up

@@ -26,6 +26,7 @@ worked. Keep the table and the contract's table identical.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -95,9 +96,9 @@ def classify(result: AttemptResult, *, on_conflict: OnConflict = "retry") -> Out
     if isinstance(result, Unsendable):
         return Outcome(Action.DEAD, f"unsendable: {result.reason}")
     status = result.status
-    reason = _reason(result)
     if 200 <= status < 300:
-        return Outcome(Action.DELIVERED, reason, status=status)
+        return _delivered(status, result.body)  # the common case, once per delivery
+    reason = _reason(result)
     if status in RETRY_STATUSES or 500 <= status < 600:
         retry_after = (_header(result.headers, "Retry-After")
                        if status in RETRY_AFTER_STATUSES else None)
@@ -116,6 +117,11 @@ def _classify_no_answer(result: NoAnswer) -> Outcome:
     if result.failure == "tls":
         return Outcome(Action.PAUSE, reason, unreachable=True)
     return Outcome(Action.RETRY, reason, in_doubt=result.sent, unreachable=not result.sent)
+
+
+@functools.lru_cache(maxsize=64)  # a sink acknowledges with the same few bodies
+def _delivered(status: int, body: str) -> Outcome:
+    return Outcome(Action.DELIVERED, _reason(Answered(status, {}, body)), status=status)
 
 
 def _reason(result: Answered) -> str:

@@ -100,11 +100,14 @@ def migrate(raw: Raw, path: Path) -> int:
     return int(version)
 
 
-def stream_heads(raw: Raw, sink: str) -> list[tuple[str, int, str, float, float]]:
-    """Each stream's oldest owed delivery for ``sink``.
+# What a claim needs of a delivery, read together with its head: kind, idempotency_key,
+# key_id, sealed, expires_at (from the event), attempts and doubt (from the delivery).
+HEAD_COLUMNS = ("d.event_id, d.state, d.next_attempt_at, e.created_at, e.kind,"
+                " e.idempotency_key, e.key_id, e.sealed, e.expires_at, d.attempts, d.doubt")
 
-    Rows are (stream, event_id, state, next_attempt_at, created_at).
-    """
+
+def stream_heads(raw: Raw, sink: str) -> list[tuple[Any, ...]]:
+    """Each stream's oldest owed delivery for ``sink``: rows of (stream, ``HEAD_COLUMNS``)."""
     # A skip-scan over the partial index: O(streams × log n), not a scan of the backlog.
     return [tuple(r) for r in fetchall(
         raw,
@@ -114,7 +117,7 @@ def stream_heads(raw: Raw, sink: str) -> list[tuple[str, int, str, float, float]
               SELECT (SELECT MIN(stream) FROM deliveries
                       WHERE sink = :sink AND {OWED} AND stream > s.stream)
               FROM s WHERE s.stream IS NOT NULL)
-            SELECT s.stream, d.event_id, d.state, d.next_attempt_at, e.created_at
+            SELECT s.stream, {HEAD_COLUMNS}
             FROM s
             JOIN deliveries d ON d.sink = :sink AND d.event_id = (
                 SELECT MIN(event_id) FROM deliveries

@@ -8,9 +8,17 @@ thing that changes deliveries, so it can keep the heads itself:
 - built lazily per sink from the skip-scan (``db.stream_heads``);
 - an append adds a head for a stream that had none (a newer event never displaces one);
 - a claim marks its heads in flight;
-- a settle or release re-reads the head of each stream it touched (one index seek);
+- a settle or release re-reads the heads of the streams it touched (one statement,
+  one index seek per stream);
 - anything rarer (requeue, reschedule, quarantine) or anything rolled back drops the cache,
   and the next use rebuilds it from the database.
+
+A head read from the database also keeps what a claim needs of it (``db.HEAD_COLUMNS``:
+the sealed payload, attempts, doubt), so a claim reads nothing more. That copy cannot go
+stale: attempts and doubt change only when the head is settled or released, which re-reads
+it; the event's columns never change while it is owed (purge and reclaim touch only events
+delivered everywhere); everything else drops the cache. A head added by an append has no
+copy and is read by the claim.
 
 The database stays the truth; ``tests/outbox/test_model.py`` checks claims against a model
 through reopen, rollback and every operation, which is what keeps this cache honest.
@@ -18,19 +26,39 @@ through reopen, rollback and every operation, which is what keeps this cache hon
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
-from outbox.db import OWED, Raw, fetchone_or_none, stream_heads
+from outbox.db import HEAD_COLUMNS, OWED, Raw, fetchall, stream_heads
+
+# Each stream's head among owed deliveries; the streams come as a JSON list (?2).
+_REREAD = f"""
+    SELECT s.value, {HEAD_COLUMNS}
+    FROM json_each(?2) s
+    JOIN deliveries d ON d.sink = ?1 AND d.event_id = (
+        SELECT MIN(event_id) FROM deliveries WHERE sink = ?1 AND {OWED} AND stream = s.value)
+    JOIN events e ON e.id = d.event_id"""
+
+# (kind, idempotency_key, key_id, sealed, expires_at, attempts, doubt)
+ClaimRow = tuple[str, str, int, bytes | None, float | None, int, int]
 
 
 @dataclass(slots=True)
 class Head:
-    """A stream's oldest owed delivery to one sink."""
+    """A stream's oldest owed delivery to one sink (``row``: what a claim needs, if read)."""
 
     event_id: int
     state: str
     next_at: float
     created: float
+    row: ClaimRow | None = None
+
+
+def _head(row: tuple[Any, ...]) -> Head:
+    """Build a head from a row of (stream, ``HEAD_COLUMNS``)."""
+    return Head(row[1], row[2], row[3], row[4], row[5:])
 
 
 class Heads:
@@ -44,8 +72,7 @@ class Heads:
         """Return the heads of ``sink`` by stream, reading them from the database if needed."""
         heads = self._sinks.get(sink)
         if heads is None:
-            heads = {stream: Head(event_id, state, next_at, created)
-                     for stream, event_id, state, next_at, created in stream_heads(raw, sink)}
+            heads = {row[0]: _head(row) for row in stream_heads(raw, sink)}
             self._sinks[sink] = heads
             self._streams[sink] = {h.event_id: s for s, h in heads.items()}
         return heads
@@ -68,21 +95,20 @@ class Heads:
         streams = self._streams.get(sink)
         return None if streams is None else streams.get(event_id)
 
-    def reread(self, raw: Raw, sink: str, stream: str) -> None:
-        """Read one stream's head again after its old head changed state."""
+    def reread(self, raw: Raw, sink: str, streams: Collection[str]) -> None:
+        """Read these streams' heads again after their old heads changed state."""
         heads = self._sinks.get(sink)
-        if heads is None:
+        if heads is None or not streams:
             return
-        old = heads.pop(stream, None)
-        if old is not None:
-            del self._streams[sink][old.event_id]
-        row = fetchone_or_none(
-            raw, "SELECT d.event_id, d.state, d.next_attempt_at, e.created_at FROM deliveries d"
-                 " JOIN events e ON e.id = d.event_id WHERE d.sink = ? AND d.stream = ? AND"
-                 f" d.{OWED} ORDER BY d.event_id LIMIT 1", (sink, stream))
-        if row is not None:
-            heads[stream] = Head(*row)
-            self._streams[sink][row[0]] = stream
+        by_id = self._streams[sink]
+        for stream in streams:
+            old = heads.pop(stream, None)
+            if old is not None:
+                del by_id[old.event_id]
+        # One statement for every stream: a seek per stream on the owed index.
+        for row in fetchall(raw, _REREAD, (sink, json.dumps(list(streams)))):
+            heads[row[0]] = _head(row)
+            by_id[row[1]] = row[0]
 
     def forget(self) -> None:
         """Drop everything; the next use reads the heads from the database again."""

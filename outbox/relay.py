@@ -1,8 +1,12 @@
-"""The relay: one loop per sink that claims owed deliveries, attempts them, and settles them.
+"""The relay: per sink, senders that attempt claimed deliveries and a loop of store rounds.
 
 For each sink::
 
     claim heads ─► (token bucket) ─► lookup if in doubt ─► sink.deliver ─► classify ─► settle
+
+Claims and settlements travel in *rounds*: one ``Outbox.settle_and_claim`` records every
+verdict reached since the last round and claims the next due stream heads, in one
+transaction and one fsync, so the cost of a commit is shared by every delivery in it.
 
 Sink state, shown in status and logged once per transition:
 
@@ -15,7 +19,7 @@ Sink state, shown in status and logged once per transition:
   Nothing is dead-lettered; one probe every ``pause_recheck_s`` or on ``recheck()``.
 
 A ``Retry-After`` on 429/503 holds the whole sink: no request goes to it before then. One
-sink's state never touches another's: each relay has its own task, session and bucket.
+sink's state never touches another's: each relay has its own tasks, session and bucket.
 """
 
 from __future__ import annotations
@@ -44,8 +48,12 @@ RATE_WINDOW_S = 60.0
 # An idle relay with a due time further away re-reads it at least this often (wall-clock
 # times in the store may jump when the clock is set).
 MAX_IDLE_WAIT_S = 30.0
-# A settle that fails (disk full, I/O error) is retried this often until it lands.
+# A round that fails to record (disk full, I/O error) is retried this often until it lands.
 SETTLE_RETRY_S = 1.0
+# Claimed deliveries waiting for a free sender, per unit of concurrency. A round (settle and
+# claim, one fsync) takes a few milliseconds, as long as several requests to a sink on the
+# local network, so the senders need this much in hand to stay busy until the next round.
+CLAIM_AHEAD = 6
 # Dead letters for an event whose print or delivery window has passed.
 EXPIRED = "expired before it could be delivered"
 
@@ -76,7 +84,21 @@ class RelayStatus:
 
 
 class Relay:
-    """Delivers the owed events of one sink, in per-stream order, at most ``concurrency``."""
+    """Delivers the owed events of one sink, in per-stream order, at most ``concurrency``.
+
+    All on the event loop, and nothing per delivery (no task, no commit of its own):
+
+    - ``concurrency`` sender tasks each take the next claimed delivery, attempt it, and
+      leave its settlement (or, if it was not attempted, its release) in a buffer;
+    - one round loop (``_run``) records everything buffered and claims more in one store
+      round whenever there is something to record or room to claim into. Up to
+      ``CLAIM_AHEAD`` × concurrency claimed deliveries wait for a sender, so a finished
+      request is followed at once rather than after a commit.
+
+    A delivery stays in flight in the store, blocking its stream, until the round holding
+    its settlement has committed; only then can the stream's next event be claimed. A
+    sender never waits for that commit: it goes on with another stream's delivery.
+    """
 
     def __init__(self, store: Outbox, sink: Sink, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
@@ -92,14 +114,19 @@ class Relay:
         self._on_attempt = on_attempt
         self._bucket = (TokenBucket(self.policy.rate_limit_per_s, clock=monotonic)
                         if self.policy.rate_limit_per_s else None)
-        self._tasks: set[asyncio.Task[None]] = set()
-        # At most ``concurrency`` requests at once; up to as many more deliveries wait
-        # claimed, so a finished request is followed at once instead of after a claim's
-        # commit. Settling happens after the slot is given back, for the same reason.
-        self._sending = asyncio.Semaphore(self.policy.concurrency)
+        self._target = self.policy.concurrency * (1 + CLAIM_AHEAD)  # claimed, not settled
+        self._ready: deque[Delivery] = deque()  # claimed, waiting for a sender
+        self._sending = 0  # attempts under way
+        self._settled: list[Settlement] = []  # verdicts the next round records
+        self._released: list[Delivery] = []  # claimed but not attempted: given back
+        self._recording = 0  # settlements in the round being committed
+        self._due: float | None = None  # the store's next due time after the last round
+        self._idle: deque[asyncio.Future[None]] = deque()  # senders waiting for work
+        self._waiter: asyncio.Future[None] | None = None  # the round loop, when waiting
+        self._workers: list[asyncio.Task[None]] = []
         self._loop_task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._poke = asyncio.Event()  # interrupts waits: stop, recheck, finished attempts
+        self._stopping = False  # no more claims; senders finish what they hold
+        self._closing = False  # senders are gone: record what is left and end
         self.state = SinkState.ONLINE
         self._hold_until = 0.0  # monotonic: no request to this sink before then
         self._failures = 0
@@ -107,137 +134,203 @@ class Relay:
         self._last_success_at: float | None = None
         self._last_error: str | None = None
         self._next_attempt_at: float | None = None
-        self._delivered_at: deque[float] = deque()
+        self._answers: deque[list[int]] = deque()  # [monotonic second, answers in it]
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the sink and start the loop."""
+        """Open the sink and start the round loop and the senders."""
         await self.sink.start()
         self._loop_task = asyncio.create_task(self._run(), name=f"relay-{self.name}")
+        self._workers = [asyncio.create_task(self._work(), name=f"relay-{self.name}-{i}")
+                         for i in range(self.policy.concurrency)]
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop claiming; give attempts ``grace_s`` to finish; the rest go back to pending."""
         self._stopping = True
-        self._poke.set()
+        self._release_ready()
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._kick()
+        workers = [task for task in self._workers if not task.done()]
+        if workers:
+            _, late = await asyncio.wait(workers, timeout=grace_s)
+            for task in late:
+                task.cancel()  # its delivery is given back (same key, same body next time)
+            await asyncio.gather(*late, return_exceptions=True)
+        self._closing = True
+        self._kick()
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=grace_s)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
         await self.sink.close()
 
     async def recheck(self) -> None:
         """Try the sink now: lift a pause's wait and make its backed-off deliveries due."""
         self._hold_until = 0.0
-        self._poke.set()
+        self._kick()
         with contextlib.suppress(OutboxError):
             await self.store.reschedule(self.name)
 
     def status(self) -> RelayStatus:
         """Return a snapshot for ``/v1/status`` and metrics."""
+        held = (len(self._ready) + self._sending + len(self._settled) + self._recording)
         return RelayStatus(self.name, self.state, self._last_success_at, self._last_error,
-                           self._next_attempt_at, self._failures, len(self._tasks),
+                           self._next_attempt_at, self._failures, held,
                            self.delivery_rate())
 
     def delivery_rate(self) -> float:
         """Deliveries per second over the last minute (0.0 when none)."""
-        self._forget_old_rates()
-        if not self._delivered_at:
+        now = self._monotonic()
+        self._forget_old_rates(now)
+        if not self._answers:
             return 0.0
-        span = max(1.0, self._monotonic() - self._delivered_at[0])
-        return len(self._delivered_at) / min(span, RATE_WINDOW_S)
+        span = max(1.0, now - self._answers[0][0])
+        return sum(n for _, n in self._answers) / min(span, RATE_WINDOW_S)
 
-    # -- the loop ----------------------------------------------------------------------
+    # -- the round loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
         wakeup = self.store.wakeup(self.name)
-        while not self._stopping:
-            try:
-                await self._step(wakeup)
-            except OutboxClosed:
+        while True:
+            hold = self._hold_until - self._monotonic()
+            room = 0
+            if not self._stopping and hold <= 0:
+                room = self._room()
+            claim = room > 0 and (wakeup.is_set() or (
+                self._due is not None and self._due <= self._clock()))
+            settled, released = self._settled, self._released
+            if settled or released or claim:
+                if claim:
+                    wakeup.clear()
+                if not await self._round(settled, released, room if claim else 0):
+                    return
+                continue
+            if self._closing:
                 return
-            except OutboxError as err:
-                # The store refuses for now (I/O error, reopening): wait, then try again.
-                self._note_error(f"outbox: {err}")
-                await self._wait(SETTLE_RETRY_S)
+            if hold > 0:
+                await self._wait(hold)
+            elif room > 0:
+                due = self._due
+                await self._wait(None if due is None else
+                                 min(MAX_IDLE_WAIT_S, max(0.0, due - self._clock())), wakeup)
+            else:
+                await self._wait(None)  # every sender busy, the buffer full: a kick wakes
 
-    async def _step(self, wakeup: asyncio.Event) -> None:
-        hold = self._hold_until - self._monotonic()
-        if hold > 0:
-            await self._wait(hold)
-            return
-        room = self._limit() - len(self._tasks)
-        if room <= 0:
-            await self._wait(None)
-            return
-        wakeup.clear()
-        batch = await self.store.claim(self.name, room)
+    async def _round(self, settled: list[Settlement], released: list[Delivery],
+                     limit: int) -> bool:
+        """Record, give back and claim in one store round; False once the loop must end."""
+        self._settled, self._released = [], []
+        self._recording = len(settled)
+        try:
+            batch, self._due = await self.store.settle_and_claim(self.name, settled,
+                                                                 released, limit)
+        except OutboxClosed:
+            return False
+        except OutboxError as err:
+            # Nothing of the round was recorded: keep it (a delivery left in flight would
+            # block its stream until a restart) and try again.
+            self._settled[:0] = settled
+            self._released[:0] = released
+            self._due = 0.0  # look again for due deliveries too
+            self._note_error(f"outbox: {err}")
+            if self._closing:
+                return False
+            await self._wait(SETTLE_RETRY_S)
+            return True
+        finally:
+            self._recording = 0
         if batch:
-            for delivery in batch:
-                task = asyncio.create_task(self._attempt(delivery))
-                self._tasks.add(task)
-                task.add_done_callback(self._attempt_done)
-            return
-        due = await self.store.next_due(self.name)
-        timeout = None if due is None else min(MAX_IDLE_WAIT_S, max(0.0, due - self._clock()))
-        await self._wait(timeout, wakeup)
+            self._hand_out(batch)
+        return True
 
-    def _limit(self) -> int:
+    def _room(self) -> int:
         # Offline or paused: one probe at a time, so a dead sink costs one connection.
         if self.state in (SinkState.OFFLINE, SinkState.PAUSED):
-            return 1
-        return 2 * self.policy.concurrency  # half of them sending, half claimed and ready
+            return 1 - len(self._ready) - self._sending
+        return self._target - len(self._ready) - self._sending
+
+    def _hand_out(self, batch: list[Delivery]) -> None:
+        if self._stopping or self._hold_until > self._monotonic():
+            self._released.extend(batch)  # claimed as a stop or a hold began
+            return
+        self._ready.extend(batch)
+        idle, wanted = self._idle, len(batch)
+        while idle and wanted:
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                wanted -= 1
+
+    def _release_ready(self) -> None:
+        if self._ready:
+            self._released.extend(self._ready)
+            self._ready.clear()
+            self._kick()
+
+    def _kick(self) -> None:
+        """Wake the round loop if it waits (it re-reads everything before waiting again)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def _wait(self, seconds: float | None, wakeup: asyncio.Event | None = None) -> None:
-        self._poke.clear()
-        if self._stopping:
-            return
-        waiters = [asyncio.ensure_future(self._poke.wait())]
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if seconds is None else loop.call_later(seconds, _wake, waiter)
+        watcher = None
         if wakeup is not None:
-            waiters.append(asyncio.ensure_future(wakeup.wait()))
+            watcher = loop.create_task(wakeup.wait())
+            watcher.add_done_callback(lambda _: _wake(waiter))
         try:
-            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            await waiter
         finally:
-            for waiter in waiters:
-                waiter.cancel()
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
-    def _attempt_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._poke.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("relay %s: attempt crashed", self.name, exc_info=task.exception())
+    # -- the senders -------------------------------------------------------------------
 
-    # -- one attempt -------------------------------------------------------------------
+    async def _work(self) -> None:
+        ready = self._ready
+        loop = asyncio.get_running_loop()
+        while True:
+            if not ready:
+                if self._stopping:
+                    return
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                continue
+            delivery = ready.popleft()
+            self._sending += 1
+            try:
+                settlement = await self._send(delivery)
+            except Exception as err:
+                settlement = self._crashed(delivery, err)
+            except asyncio.CancelledError:
+                # Stopped mid-attempt: give it back (same key, same body next time).
+                self._released.append(delivery)
+                self._kick()
+                raise
+            finally:
+                self._sending -= 1
+            if settlement is None:
+                self._released.append(delivery)
+            else:
+                self._settled.append(settlement)
+            self._kick()
 
-    async def _attempt(self, delivery: Delivery) -> None:
-        try:
-            settlement = await self._try(delivery)
-        except Exception as err:
-            # Left in flight it would block its stream until a restart: retry it later.
-            log.exception("relay %s: attempt of event %d failed unexpectedly", self.name,
-                          delivery.event_id)
-            self._failed(f"internal error: {err!r}")
-            settlement = Settlement(delivery.event_id, self.name, Verdict.RETRY,
-                                    next_attempt_at=self._clock() + self._backoff(
-                                        delivery.attempts + 1),
-                                    error=f"internal error: {type(err).__name__}")
-        except asyncio.CancelledError:
-            # Stopped mid-attempt: give it back (same key, same body next time).
-            with contextlib.suppress(OutboxError):
-                await asyncio.shield(self.store.release([delivery]))
-            raise
-        if settlement is None:
-            with contextlib.suppress(OutboxError):
-                await self.store.release([delivery])
-            return
-        await self._settle(settlement)
-
-    async def _try(self, delivery: Delivery) -> Settlement | None:
-        async with self._sending:
-            return await self._send(delivery)
+    def _crashed(self, delivery: Delivery, err: Exception) -> Settlement:
+        # Left in flight it would block its stream until a restart: retry it later.
+        log.error("relay %s: attempt of event %d failed unexpectedly", self.name,
+                  delivery.event_id, exc_info=err)
+        self._failed(f"internal error: {err!r}")
+        return Settlement(delivery.event_id, self.name, Verdict.RETRY,
+                          next_attempt_at=self._clock() + self._backoff(delivery.attempts + 1),
+                          error=f"internal error: {type(err).__name__}")
 
     async def _send(self, delivery: Delivery) -> Settlement | None:
         if delivery.expires_at is not None and self._clock() >= delivery.expires_at:
@@ -249,35 +342,22 @@ class Relay:
         if delivery.in_doubt and await self.sink.lookup(delivery):
             self._answered(delivered=True)
             return Settlement(delivery.event_id, self.name, Verdict.DELIVERED)
+        if self._on_attempt is None:
+            result = await self.sink.deliver(delivery)
+            return self._decide(delivery, classify(result, on_conflict=self.policy.on_conflict))
         started = self._monotonic()
         result = await self.sink.deliver(delivery)
         outcome = classify(result, on_conflict=self.policy.on_conflict)
-        if self._on_attempt is not None:
-            self._on_attempt(self.name, outcome.action, self._monotonic() - started)
+        self._on_attempt(self.name, outcome.action, self._monotonic() - started)
         return self._decide(delivery, outcome)
-
-    async def _settle(self, settlement: Settlement) -> None:
-        # Until the verdict is recorded the delivery stays in flight and blocks its
-        # stream, so keep trying (the store may be briefly full or reopening).
-        while True:
-            try:
-                await self.store.settle([settlement])
-                return
-            except OutboxClosed:
-                return
-            except OutboxError as err:
-                self._note_error(f"outbox: {err}")
-                if self._stopping:
-                    return
-                await asyncio.sleep(SETTLE_RETRY_S)
 
     def _decide(self, delivery: Delivery, outcome: Outcome) -> Settlement:
         """Turn an outcome into a settlement, and move the sink's state. The one place."""
-        now = self._clock()
-        key = (delivery.event_id, self.name)
         if outcome.action is Action.DELIVERED:
             self._answered(delivered=True)
-            return Settlement(*key, Verdict.DELIVERED)
+            return Settlement(delivery.event_id, self.name, Verdict.DELIVERED)
+        now = self._clock()
+        key = (delivery.event_id, self.name)
         if outcome.action is Action.DEAD:
             self._answered(delivered=False)  # the sink is up; this event is the problem
             self._last_error = outcome.reason
@@ -311,16 +391,24 @@ class Relay:
         self._hold_until = max(self._hold_until, self._monotonic() + seconds)
         self._next_attempt_at = self._clock() + (self._hold_until - self._monotonic())
         self._set_state(state, reason)
+        self._release_ready()  # nothing claimed goes out before the hold ends
 
     def _answered(self, *, delivered: bool) -> None:
         # Either way the delivery left the queue: it counts toward the drain rate.
+        now = self._monotonic()
         if delivered:
             self._last_success_at = self._clock()
-        self._delivered_at.append(self._monotonic())
-        self._forget_old_rates()
-        if self._hold_until > self._monotonic():
+        second = int(now)
+        answers = self._answers
+        if answers and answers[-1][0] == second:
+            answers[-1][1] += 1
+        else:
+            answers.append([second, 1])
+            self._forget_old_rates(now)
+        if self._hold_until > now:
             return  # an answer to a request sent before the hold does not lift it
-        self._set_state(SinkState.ONLINE, None)
+        if self.state is not SinkState.ONLINE:
+            self._set_state(SinkState.ONLINE, None)
         self._failures = 0
         self._failing_since = None
         self._next_attempt_at = None
@@ -347,7 +435,13 @@ class Relay:
         else:
             log.warning("sink %s: %s → %s: %s", self.name, old, new, reason)
 
-    def _forget_old_rates(self) -> None:
-        horizon = self._monotonic() - RATE_WINDOW_S
-        while self._delivered_at and self._delivered_at[0] < horizon:
-            self._delivered_at.popleft()
+    def _forget_old_rates(self, now: float) -> None:
+        horizon = now - RATE_WINDOW_S
+        answers = self._answers
+        while answers and answers[0][0] < horizon:
+            answers.popleft()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

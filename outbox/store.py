@@ -264,6 +264,24 @@ class Outbox:
             await self._submit(_WorkOp(work=Work(
                 lambda raw: self._tx.settle(raw, settlements), isolated=False)))
 
+    async def settle_and_claim(self, sink: str, settlements: Sequence[Settlement],
+                               released: Sequence[Delivery], limit: int, *,
+                               now: float | None = None) -> tuple[list[Delivery], float | None]:
+        """One relay round for ``sink`` in one transaction (one fsync).
+
+        Records ``settlements`` (as ``settle``), gives back ``released`` (as ``release``),
+        then claims up to ``limit`` due stream heads (as ``claim``): a stream whose head was
+        just settled can hand out its next delivery in the same round. Returns the claimed
+        deliveries and when the earliest claimable delivery left falls due (as ``next_due``).
+        """
+        at = self._clock() if now is None else now
+        keys = [(d.event_id, d.sink) for d in released]
+        result: tuple[list[Delivery], float | None] = await self._submit(_WorkOp(
+            work=Work(lambda raw: self._tx.settle_and_claim(raw, sink, settlements, keys,
+                                                            limit, at), isolated=False),
+            after_commit=(lambda _: self._wake({s for _, s in keys})) if keys else None))
+        return result
+
     async def release(self, deliveries: Iterable[Delivery]) -> None:
         """Give back claimed deliveries that were never attempted (e.g. at shutdown)."""
         keys = [(d.event_id, d.sink) for d in deliveries]

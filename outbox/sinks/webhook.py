@@ -19,6 +19,7 @@ CA bundle); redirects are not followed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import ssl
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import aiohttp
+from yarl import URL
 
 from outbox.classify import Answered, AttemptResult, NoAnswer, Unsendable
 from outbox.models import Delivery
@@ -57,6 +59,7 @@ class WebhookSettings:
     lookup_url: str | None = None  # e.g. "https://api.example.com/events/{idempotency_key}"
 
 
+@functools.lru_cache(maxsize=1024)  # events appended in one group commit share their time
 def accepted_at(created_at: float) -> str:
     """RFC 3339 UTC timestamp of acceptance, as it appears in the envelope."""
     stamp = datetime.fromtimestamp(created_at, UTC).isoformat(timespec="milliseconds")
@@ -91,6 +94,11 @@ class WebhookSink:
         self.policy = policy or SinkPolicy()
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        # Built once, not per request: the parsed URL and the headers every POST carries.
+        self._url = URL(settings.url)
+        self._headers = {"Content-Type": "application/json"}
+        if settings.token:
+            self._headers["Authorization"] = f"Bearer {settings.token}"
 
     async def start(self) -> None:
         """Open the pooled session (one per sink, at most ``concurrency`` connections)."""
@@ -115,14 +123,19 @@ class WebhookSink:
             body = envelope(delivery)
         except ValueError as err:
             return Unsendable(str(err))
-        headers = {"Content-Type": "application/json",
-                   "Idempotency-Key": delivery.idempotency_key}
-        if self.settings.token:
-            headers["Authorization"] = f"Bearer {self.settings.token}"
+        headers = self._headers.copy()
+        headers["Idempotency-Key"] = delivery.idempotency_key
         if self.settings.signing_secret:
             headers["Tillsync-Signature"] = signature(self.settings.signing_secret,
                                                       int(self._clock()), body)
-        return await self._request("POST", self.settings.url, data=body, headers=headers)
+        session = self._session or await self._open()
+        try:  # the request inline, as in ``_request``: this runs once per delivery
+            async with session.request("POST", self._url, data=body, headers=headers,
+                                       allow_redirects=False) as resp:
+                excerpt = await resp.content.read(BODY_EXCERPT_BYTES)
+                return Answered(resp.status, resp.headers, excerpt.decode("utf-8", "replace"))
+        except Exception as err:
+            return self._no_answer(err)
 
     async def lookup(self, delivery: Delivery) -> bool | None:
         """GET ``lookup_url`` for the key: 2xx → took effect, 404 → did not, else unknown."""
@@ -140,27 +153,37 @@ class WebhookSink:
                 return False
         return None
 
-    async def _request(self, method: str, url: str, **kwargs: object) -> AttemptResult:
-        if self._session is None:
-            await self.start()
-        assert self._session is not None
+    async def _request(self, method: str, url: str | URL, *, data: bytes | None = None,
+                       headers: dict[str, str]) -> AttemptResult:
+        session = self._session or await self._open()
         try:
-            async with self._session.request(method, url, allow_redirects=False,
-                                             **kwargs) as resp:  # type: ignore[arg-type]
+            async with session.request(method, url, data=data, headers=headers,
+                                       allow_redirects=False) as resp:
                 excerpt = await resp.content.read(BODY_EXCERPT_BYTES)
-                return Answered(resp.status, dict(resp.headers),
-                                excerpt.decode("utf-8", "replace"))
-        except aiohttp.ClientSSLError as err:
+                # The response's own read-only header view: no copy per request.
+                return Answered(resp.status, resp.headers, excerpt.decode("utf-8", "replace"))
+        except Exception as err:
+            return self._no_answer(err)
+
+    async def _open(self) -> aiohttp.ClientSession:
+        await self.start()
+        assert self._session is not None
+        return self._session
+
+    def _no_answer(self, err: Exception) -> NoAnswer:
+        """Report a request that got no HTTP answer; anything unexpected propagates."""
+        if isinstance(err, aiohttp.ClientSSLError):
             return NoAnswer("tls", sent=False, detail=_describe(err))
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as err:
+        if isinstance(err, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
             return NoAnswer("connect", sent=False, detail=_describe(err))
-        except (TimeoutError, aiohttp.SocketTimeoutError) as err:
+        if isinstance(err, TimeoutError | aiohttp.SocketTimeoutError):
             return NoAnswer("timeout", sent=True,
                             detail=f"no answer within {self.settings.timeout_s:g} s"
                             if isinstance(err, TimeoutError) else _describe(err))
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
+        if isinstance(err, aiohttp.ClientError | OSError | asyncio.IncompleteReadError):
             # The connection broke after the request went out: it may have been applied.
             return NoAnswer("reset", sent=True, detail=_describe(err))
+        raise err
 
 
 def _describe(err: BaseException) -> str:

@@ -365,14 +365,45 @@ class OutboxMachine(RuleBasedStateMachine):
                 self.settle([self.draw_settlement(data, (d.event_id, sink))
                              for d in got[:done]], True)
 
+    @rule(data=st.data(), sink=sinks, limit=st.integers(0, 4),
+          ahead=st.sampled_from([None, 10**6]))
+    def a_relay_round_settles_releases_then_claims(self, data: st.DataObject, sink: str,
+                                                   limit: int, ahead: int | None) -> None:
+        """``settle_and_claim``: the verdicts and the releases first, then the claim, all in
+        one commit; it also tells when the earliest claimable delivery left falls due."""
+        mine = sorted(key for key in self.claimed if key[1] == sink)
+        chosen = data.draw(st.lists(st.sampled_from(mine), unique=True)) if mine else []
+        split = data.draw(st.integers(0, len(chosen)))
+        settlements = [self.draw_settlement(data, key) for key in chosen[:split]]
+        released = [self.claimed[key] for key in chosen[split:]]
+        now = self.now if ahead is None else self.now + ahead
+        commits = self.outbox.commits
+        got, due = self.run(self.outbox.settle_and_claim(
+            sink, settlements, released, limit, now=None if ahead is None else now))
+        assert self.outbox.commits == commits + 1
+        self.settled(settlements)
+        for d in released:
+            del self.claimed[(d.event_id, sink)]
+            self.deliveries[(d.event_id, sink)] = self.deliveries[(d.event_id, sink)].owed_again()
+        self.claimed_as_expected(sink, limit, now, got)
+        waiting = [self.deliveries[(event_id, sink)].next_attempt_at
+                   for event_id in self.heads(sink).values()
+                   if self.deliveries[(event_id, sink)].state is not S.IN_FLIGHT]
+        assert due == (min(waiting) if waiting else None)
+
     def claim(self, sink: str, limit: int, ahead: int | None) -> list[Delivery]:
         now = self.now if ahead is None else self.now + ahead
+        got = self.run(self.outbox.claim(sink, limit, now=None if ahead is None else now))
+        self.claimed_as_expected(sink, limit, now, got)
+        return got
+
+    def claimed_as_expected(self, sink: str, limit: int, now: float,
+                            got: list[Delivery]) -> None:
         heads = self.heads(sink)
         due = sorted(event_id for event_id in heads.values()
                      if self.deliveries[(event_id, sink)].state is not S.IN_FLIGHT
                      and self.deliveries[(event_id, sink)].next_attempt_at <= now)
         expected = due[:limit]
-        got = self.run(self.outbox.claim(sink, limit, now=None if ahead is None else now))
         assert [d.event_id for d in got] == expected
         assert len({d.stream for d in got}) == len(got), "two from one stream"
         for d in got:
@@ -386,7 +417,6 @@ class OutboxMachine(RuleBasedStateMachine):
                                  ev.expires_at)
             self.deliveries[(d.event_id, sink)] = replace(md, state=S.IN_FLIGHT)
             self.claimed[(d.event_id, sink)] = d
-        return got
 
     def draw_settlement(self, data: st.DataObject, key: tuple[int, str]) -> Settlement:
         next_at = data.draw(st.one_of(st.none(), st.integers(-50, 300)))
@@ -401,6 +431,10 @@ class OutboxMachine(RuleBasedStateMachine):
             self.run(self.outbox.settle(settlements))
         else:  # concurrently, so the writer group-commits them
             self.run(gather([self.outbox.settle([s]) for s in settlements]))
+        self.settled(settlements)
+
+    def settled(self, settlements: list[Settlement]) -> None:
+        """The model's side of ``settle``."""
         for s in settlements:
             key = (s.event_id, s.sink)
             del self.claimed[key]

@@ -209,6 +209,54 @@ async def test_settle_ignores_deliveries_that_are_not_in_flight(store: Outbox):
     assert (await store.stats()).sinks["cloud"].pending == 1
 
 
+async def test_a_round_settles_then_claims_the_next_of_that_stream_in_one_commit(
+        store: Outbox, clock: Clock):
+    """GIVEN a round that records a delivered head and a retry WHEN it claims in the same
+    transaction THEN the delivered stream's next event comes out, the retried one waits."""
+    first = await store.append(event("T01", 1))
+    second = await store.append(event("T01", 2))
+    other = await store.append(event("T02", 1))
+    claimed, _ = await store.settle_and_claim("cloud", [], [], 10)
+    assert [d.event_id for d in claimed] == [first.event_id, other.event_id]
+    before = store.commits
+    claimed, due = await store.settle_and_claim(
+        "cloud", [Settlement(first.event_id, "cloud", Verdict.DELIVERED),
+                  Settlement(other.event_id, "cloud", Verdict.RETRY,
+                             next_attempt_at=clock.now + 60, error="503")], [], 10)
+    assert store.commits - before == 1
+    assert [(d.event_id, d.attempts) for d in claimed] == [(second.event_id, 0)]
+    assert due == clock.now + 60, "the retried head is the next one due"
+    states = {d.event_id: (d.state, d.attempts) for d in await store.list_deliveries()}
+    assert states == {first.event_id: (DeliveryState.DELIVERED, 1),
+                      second.event_id: (DeliveryState.IN_FLIGHT, 0),
+                      other.event_id: (DeliveryState.PENDING, 1)}
+    clock.advance(60)
+    [again] = await store.claim("cloud", 10)
+    assert (again.event_id, again.attempts, again.in_doubt) == (other.event_id, 1, False)
+
+
+async def test_a_round_gives_back_released_deliveries_and_claims_nothing_at_limit_zero(
+        store: Outbox):
+    await store.append(event("T01", 1))
+    await store.append(event("T02", 1))
+    claimed, _ = await store.settle_and_claim("cloud", [], [], 10)
+    assert len(claimed) == 2
+    again, due = await store.settle_and_claim("cloud", [], claimed, 0)
+    assert again == [] and due is not None
+    assert await store.list_deliveries(state=DeliveryState.IN_FLIGHT) == []
+    assert [d.attempts for d in await store.claim("cloud", 10)] == [0, 0]
+
+
+async def test_a_round_that_settles_everything_owed_reports_nothing_due(store: Outbox):
+    appended = await store.append(event())
+    [d] = await store.claim("cloud", 1)
+    claimed, due = await store.settle_and_claim(
+        "cloud", [Settlement(d.event_id, "cloud", Verdict.DELIVERED)], [], 10)
+    assert (claimed, due) == ([], None)
+    record = await store.read(appended.event_id)
+    assert record is not None and record.deliveries[0].state is DeliveryState.DELIVERED
+
+
 async def test_wakeup_is_set_when_events_arrive_for_a_sink(store: Outbox):
     wakeup = store.wakeup("cloud")
     wakeup.clear()
