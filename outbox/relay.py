@@ -129,6 +129,7 @@ class Relay:
         self._closing = False  # senders are gone: record what is left and end
         self.state = SinkState.ONLINE
         self._hold_until = 0.0  # monotonic: no request to this sink before then
+        self._hold_to_record: float | None = None  # a Retry-After deadline (wall clock)
         self._failures = 0
         self._failing_since: float | None = None
         self._last_success_at: float | None = None
@@ -139,7 +140,17 @@ class Relay:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the sink and start the round loop and the senders."""
+        """Open the sink and start the round loop and the senders.
+
+        A Retry-After deadline recorded before a restart still holds the sink (capped at
+        ``max_retry_after_s`` from now, in case the wall clock was set back meanwhile).
+        """
+        with contextlib.suppress(OutboxError):
+            until = await self.store.sink_hold(self.name)
+            wait = None if until is None else until - self._clock()
+            if wait is not None and wait > 0:
+                self._hold(min(wait, self.policy.max_retry_after_s), SinkState.BACKING_OFF,
+                           "Retry-After from before the restart")
         await self.sink.start()
         self._loop_task = asyncio.create_task(self._run(), name=f"relay-{self.name}")
         self._workers = [asyncio.create_task(self._work(), name=f"relay-{self.name}-{i}")
@@ -221,10 +232,11 @@ class Relay:
                      limit: int) -> bool:
         """Record, give back and claim in one store round; False once the loop must end."""
         self._settled, self._released = [], []
+        hold_until, self._hold_to_record = self._hold_to_record, None
         self._recording = len(settled)
         try:
-            batch, self._due = await self.store.settle_and_claim(self.name, settled,
-                                                                 released, limit)
+            batch, self._due = await self.store.settle_and_claim(
+                self.name, settled, released, limit, hold_until=hold_until)
         except OutboxClosed:
             return False
         except OutboxError as err:
@@ -232,6 +244,8 @@ class Relay:
             # block its stream until a restart) and try again.
             self._settled[:0] = settled
             self._released[:0] = released
+            if self._hold_to_record is None:
+                self._hold_to_record = hold_until
             self._due = 0.0  # look again for due deliveries too
             self._note_error(f"outbox: {err}")
             if self._closing:
@@ -371,6 +385,10 @@ class Relay:
             return Settlement(*key, verdict, next_attempt_at=now, error=outcome.reason)
         wait = retry_after_seconds(outcome.retry_after, now=now,
                                    cap_s=self.policy.max_retry_after_s)
+        if wait is not None:
+            # A Retry-After is the sink's own word: recorded with this verdict, so that a
+            # restart honours it too (tests/system/test_chaos.py counts violations).
+            self._hold_to_record = max(self._hold_to_record or 0.0, now + wait)
         if wait is None and (outcome.unreachable or outcome.status == 429):
             wait = self._backoff(self._failures)  # the whole sink is affected
         if wait is not None:

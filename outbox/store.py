@@ -266,21 +266,33 @@ class Outbox:
 
     async def settle_and_claim(self, sink: str, settlements: Sequence[Settlement],
                                released: Sequence[Delivery], limit: int, *,
-                               now: float | None = None) -> tuple[list[Delivery], float | None]:
+                               now: float | None = None, hold_until: float | None = None,
+                               ) -> tuple[list[Delivery], float | None]:
         """One relay round for ``sink`` in one transaction (one fsync).
 
         Records ``settlements`` (as ``settle``), gives back ``released`` (as ``release``),
         then claims up to ``limit`` due stream heads (as ``claim``): a stream whose head was
         just settled can hand out its next delivery in the same round. Returns the claimed
         deliveries and when the earliest claimable delivery left falls due (as ``next_due``).
+        ``hold_until`` records a Retry-After deadline for ``sink`` (see ``sink_hold``).
         """
         at = self._clock() if now is None else now
         keys = [(d.event_id, d.sink) for d in released]
         result: tuple[list[Delivery], float | None] = await self._submit(_WorkOp(
             work=Work(lambda raw: self._tx.settle_and_claim(raw, sink, settlements, keys,
-                                                            limit, at), isolated=False),
+                                                            limit, at, hold_until),
+                      isolated=False),
             after_commit=(lambda _: self._wake({s for _, s in keys})) if keys else None))
         return result
+
+    async def sink_hold(self, sink: str) -> float | None:
+        """Return the last Retry-After deadline recorded for ``sink`` (wall clock), if any.
+
+        A relay reads it when it starts: a sink that said "not before T" hears nothing
+        before T, even from an agent restarted in between.
+        """
+        until: float | None = await self._call(lambda raw: self._tx.hold_of(raw, sink))
+        return until
 
     async def release(self, deliveries: Iterable[Delivery]) -> None:
         """Give back claimed deliveries that were never attempted (e.g. at shutdown)."""

@@ -51,6 +51,8 @@ from outbox.models import (
     Verdict,
 )
 
+# meta row holding a sink's last Retry-After deadline, so that a restart honours it too.
+HOLD_PREFIX = "retry_after_until:"
 log = logging.getLogger("outbox.store")
 
 Clock = Callable[[], float]
@@ -520,14 +522,28 @@ class Transactions:
 
     def settle_and_claim(self, raw: Raw, sink: str, settlements: Sequence[Settlement],
                          released: Sequence[tuple[int, str]], limit: int, now: float,
+                         hold_until: float | None = None,
                          ) -> tuple[list[Delivery], float | None]:
         """Settle, release, then claim for ``sink``: one relay round (see ``Outbox``)."""
+        if hold_until is not None:
+            self.set_hold(raw, sink, hold_until)
         if settlements:
             self.settle(raw, settlements)
         if released:
             self.release_claimed(raw, released)
         claimed = self.claim(raw, sink, limit, now) if limit > 0 else []
         return claimed, self.next_due(raw, sink)
+
+    def set_hold(self, raw: Raw, sink: str, until: float) -> None:
+        """Record that no request may go to ``sink`` before ``until`` (a Retry-After)."""
+        raw.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name)"
+                    " DO UPDATE SET value = excluded.value", (HOLD_PREFIX + sink, repr(until)))
+
+    def hold_of(self, raw: Raw, sink: str) -> float | None:
+        """Return the last recorded Retry-After deadline of ``sink`` (wall clock), if any."""
+        row = raw.execute("SELECT value FROM meta WHERE name = ?",
+                          (HOLD_PREFIX + sink,)).fetchone()
+        return None if row is None else float(row[0])
 
     def _reread_heads(self, raw: Raw, keys: Sequence[tuple[int, str]]) -> None:
         # Only a head can be in flight, so only streams whose head was touched can change.

@@ -106,8 +106,12 @@ class WebhookSink:
             return
         context = ssl.create_default_context(cafile=self.settings.ca_bundle)
         connector = aiohttp.TCPConnector(limit=self.policy.concurrency, ssl=context)
-        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s,
-                                        connect=min(CONNECT_TIMEOUT_S, self.settings.timeout_s))
+        # The connect timeout must fire before the total one: when both are equal the total
+        # one wins, and a host that never answered a SYN was reported "maybe sent" (in
+        # doubt, backing off) instead of unreachable (offline, one probe at a time).
+        timeout = aiohttp.ClientTimeout(
+            total=self.settings.timeout_s,
+            connect=min(CONNECT_TIMEOUT_S, self.settings.timeout_s / 2))
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
                                               headers={"User-Agent": USER_AGENT})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -12,6 +13,8 @@ import pytest
 
 from agent.standin.cloud import Fault, StandinCloud, http_date
 from outbox import DeliveryState, NewEvent, Outbox
+from outbox.classify import classify
+from outbox.models import Delivery
 from outbox.relay import Relay, SinkState
 from outbox.sinks import SinkPolicy, WebhookSettings, WebhookSink
 from tests.outbox.conftest import OpenStore
@@ -125,6 +128,29 @@ async def test_retry_after_stops_new_requests_from_concurrent_streams(
     assert len(cloud.retry_after_violations) <= 3
     assert all(v.early_by_s > 0.9 for v in cloud.retry_after_violations), (
         "only requests sent together with the one that got 429 may arrive early")
+
+
+async def test_a_retry_after_outlives_a_relay_restart(store: Outbox, cloud, running):
+    """GIVEN a 429 with Retry-After 2 s WHEN the relay is stopped right after it and a new
+    relay starts on the same store (an agent restart) THEN the new relay sends nothing to
+    the sink before the deadline either, for any stream, and then delivers everything."""
+    cloud.faults.append(Fault.status(429, retry_after="2"))
+    for terminal in ("T01", "T02", "T03"):
+        await store.append(sale(terminal, 1))
+    first = await running.start(store, cloud.url, policy=SinkPolicy(concurrency=1))
+    await wait_until(lambda: first.state is SinkState.BACKING_OFF, 5)
+    answered_at = cloud.requests[0].at
+    await wait_until(lambda: any(r.outcome == "fault" for r in cloud.requests), 5)
+    await first.stop(grace_s=1)  # the verdict and the deadline are recorded at stop
+    running.relays.remove(first)
+    assert await store.sink_hold("cloud") == pytest.approx(answered_at + 2, abs=0.5)
+    cloud._not_before = None  # the cloud's watchdog: only the new relay is judged here
+    second = await running.start(store, cloud.url)
+    assert second.state is SinkState.BACKING_OFF
+    await drained(store)
+    later = [r.at for r in cloud.requests[1:]]
+    assert later and min(later) >= answered_at + 2 - 0.05, (answered_at, later)
+    assert len(cloud.effects) == 3
 
 
 async def test_response_lost_after_commit_is_resent_with_same_key_and_body(
@@ -339,3 +365,38 @@ async def test_a_sink_that_raises_does_not_strand_its_delivery(
     await drained(store)
     assert calls == 3, "the first attempt raised, then both events went out"
     assert [int(e.event_id) for e in cloud.effects] == [1, 2]
+
+
+async def test_a_host_that_never_accepts_is_unreachable_not_in_doubt_with_a_short_timeout():
+    """GIVEN a sink whose host never completes the TCP handshake (its accept queue is full)
+    and a 1 s request timeout WHEN a delivery is attempted THEN the outcome is "connect"
+    with nothing sent (the sink goes offline), not a timeout that may have been applied.
+
+    Before the fix the connect and total timeouts were equal and the total one won."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue so that further SYNs go unanswered
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    sink = WebhookSink("cloud", WebhookSettings(url=f"http://127.0.0.1:{port}/events",
+                                                timeout_s=1.0), FAST)
+    await sink.start()
+    try:
+        delivery = Delivery(event_id=1, sink="cloud", stream="T01", kind="transaction",
+                            idempotency_key="key-1", payload=b"{}", attempts=0,
+                            in_doubt=False, created_at=time.time(), expires_at=None)
+        outcome = classify(await sink.deliver(delivery))
+    finally:
+        await sink.close()
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert outcome.unreachable and not outcome.in_doubt, outcome
