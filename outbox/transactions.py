@@ -111,14 +111,20 @@ class Transactions:
         # Reclaim skips its scan while nothing was delivered since it last found nothing.
         self.reclaim_hopeless = False
         self._broken: Raw | None = None  # the handle that last failed with an I/O error
+        # Opened on a full disk: interrupted attempts still to be put back (next batch).
+        self.recovery_owed = False
         self.heads = Heads()
 
     # -- open ------------------------------------------------------------------------------
 
     def prepare(self, raw: Raw, path: Path) -> None:
         """Migrate, load the data keys, put interrupted attempts back, read the ledger."""
-        if migrate(raw, path):
-            log.info("outbox: migrated %s to schema version %d", path, schema.LATEST)
+        old = migrate(raw, path)
+        if old == 0:
+            log.info("outbox: created %s (schema version %d)", path, schema.LATEST)
+        elif old < schema.LATEST:
+            log.info("outbox: migrated %s from schema version %d to %d", path, old,
+                     schema.LATEST)
         rows = fetchall(raw, "SELECT key_id, wrapped, uses FROM data_keys")
         for key_id, wrapped, uses in rows:
             self.keyring.add_wrapped(key_id, wrapped)
@@ -126,14 +132,18 @@ class Transactions:
         raw.execute("BEGIN IMMEDIATE")
         try:
             new_key = None if rows else self._insert_data_key(raw, 1)
-            # Recovery: an attempt in flight when the process died is owed again. One that
-            # was already in doubt stays in doubt (same key, settled by lookup or resend).
-            raw.execute("UPDATE deliveries SET state = CASE doubt WHEN 1 THEN 'in_doubt'"
-                        " ELSE 'pending' END WHERE state = 'in_flight'")
+            self._put_back_interrupted(raw)
             raw.execute("COMMIT")
-        except BaseException:
+        except BaseException as err:
             rollback(raw)
-            raise
+            if not (rows and isinstance(err, sqlite3.Error) and is_full(err)):
+                raise
+            # A full disk must not keep the agent from starting (it would answer nobody,
+            # and systemd would give up restarting it): it opens, refuses appends with
+            # OutboxFull, and the first batch that finds room puts the attempts back.
+            self.recovery_owed = True
+            log.warning("outbox: the disk is full; attempts interrupted by the last stop"
+                        " will be retried once there is room")
         if new_key is not None:
             self.activate_key(*new_key)
         seq, live = fetchone(raw, "SELECT (SELECT seq FROM sqlite_sequence WHERE name ="
@@ -157,6 +167,9 @@ class Transactions:
         try:
             self._rotate_if_worn(raw)
             raw.execute("BEGIN IMMEDIATE")
+            if self.recovery_owed:
+                self._put_back_interrupted(raw)
+                self.heads.forget()  # they saw those deliveries in flight
             outcomes: list[Any] = []
             for item in work:
                 outcomes.append(self._run_work(raw, item))
@@ -168,6 +181,7 @@ class Transactions:
             if isinstance(err, sqlite3.Error) and not is_full(err):
                 self._broken = raw
             raise
+        self.recovery_owed = False
         self.live_bytes += plan.added_bytes - plan.freed_bytes
         active = self.keyring.active_id
         self.key_uses[active] = self.key_uses.get(active, 0) + plan.sealed
@@ -175,6 +189,13 @@ class Transactions:
             if item.on_commit is not None and not isinstance(outcome, Exception):
                 item.on_commit(outcome)
         return BatchResult(outcomes, plan)
+
+    @staticmethod
+    def _put_back_interrupted(raw: Raw) -> None:
+        # Recovery: an attempt in flight when the process died is owed again. One that was
+        # already in doubt stays in doubt (same key, settled by lookup or resend).
+        raw.execute("UPDATE deliveries SET state = CASE doubt WHEN 1 THEN 'in_doubt'"
+                    " ELSE 'pending' END WHERE state = 'in_flight'")
 
     def _run_work(self, raw: Raw, item: Work) -> Any:
         if not item.isolated:

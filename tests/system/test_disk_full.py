@@ -20,10 +20,9 @@ with what the cloud committed: every sale answered 202/200, before the disk fill
 it recovered, arrives exactly once.
 
 ``test_a_sigkill_while_the_disk_is_full_loses_nothing_and_the_agent_serves_again`` kills
-the agent while it is full with deliveries in flight. That the restart on a full disk
-serves at all is a known product bug (reported with issue 7: the outbox's recovery UPDATE
-at open needs room in the WAL): that one assertion is marked xfail, strict, and only on a
-real filesystem, so it fails the run the day the bug is fixed and the mark is stale.
+the agent while it is full with deliveries in flight. The restart must serve on the full
+disk: the outbox's recovery of interrupted attempts needs room in the WAL, so it is put off
+to the first batch that finds room (it once made ``tillsync run`` exit 1 here).
 """
 
 from __future__ import annotations
@@ -428,11 +427,5 @@ async def test_a_sigkill_while_the_disk_is_full_loses_nothing_and_the_agent_serv
     print(f"kill while full ({disk.kind}): restart error: {restart_error}; {report}")
     record_property("restart_error", restart_error or "")
     assert report.clean, str(report)
-    if disk.mounted:
-        request.node.add_marker(pytest.mark.xfail(
-            raises=RestartOnFullDiskFailed, strict=True,
-            reason="product bug (issue 7): after a SIGKILL with deliveries in flight, "
-                   "Outbox.open's recovery UPDATE needs WAL room; on a full disk it fails "
-                   "with SQLITE_FULL and `tillsync run` exits 1 instead of serving"))
     if restart_error is not None:
         raise RestartOnFullDiskFailed(restart_error)
