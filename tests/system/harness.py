@@ -51,6 +51,10 @@ DAY = "20261123"
 # honoured it; on loopback such requests arrive within milliseconds. Anything later is a
 # request the agent chose to send while it knew it had to wait.
 RETRY_AFTER_GRACE_S = 0.1
+# A Retry-After is durable once the relay round holding its verdict commits: milliseconds,
+# more on a loaded machine. A SIGKILL inside this time may forget it; that is reported
+# apart (``Report.retry_after_forgotten``) rather than as a violation.
+RETRY_AFTER_RECORD_S = 0.25
 
 
 def free_port() -> int:
@@ -143,6 +147,7 @@ class AgentProcess:
         self.kills = 0
         self.ready_at: list[float] = []  # wall-clock times each start answered /readyz
         self._started_at: list[float] = []
+        self.killed_at: list[float] = []  # wall-clock times of each SIGKILL
 
     @property
     def pid(self) -> int | None:
@@ -182,6 +187,7 @@ class AgentProcess:
         if self.pid is None:
             return
         assert self.proc is not None
+        self.killed_at.append(time.time())
         self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
         self.kills += 1
@@ -364,7 +370,9 @@ class Report:
     unanswered, the sale was committed anyway: allowed). Ours: body mismatches (an effect
     whose content differs from what the till posted, or a key resent with other bytes),
     Retry-After violations, per-terminal order violations, and refusals (a 4xx to a valid
-    sale). Every figure but ``acknowledged`` and ``recovered`` must be 0.
+    sale). Every figure but ``acknowledged``, ``recovered`` and ``retry_after_forgotten``
+    (a Retry-After the agent was killed on receiving; see ``retry_after_violations``) must
+    be 0.
     """
 
     acknowledged: int = 0
@@ -374,6 +382,7 @@ class Report:
     unexpected: list[str] = field(default_factory=list)
     body_mismatches: list[str] = field(default_factory=list)
     retry_after_violations: int = 0
+    retry_after_forgotten: int = 0  # inside a Retry-After the agent was killed on receiving
     order_violations: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
 
@@ -391,6 +400,7 @@ class Report:
                 "unexpected": len(self.unexpected),
                 "body_mismatches": len(self.body_mismatches),
                 "retry_after_violations": self.retry_after_violations,
+                "retry_after_forgotten": self.retry_after_forgotten,
                 "order_violations": len(self.order_violations),
                 "refusals": len(self.refusals)}
 
@@ -409,30 +419,52 @@ def _seq(identity: str) -> int:
     return int(identity.rsplit("-", 1)[1])
 
 
-def retry_after_violations(cloud: StandinCloud, grace_s: float = RETRY_AFTER_GRACE_S) -> int:
-    """Requests that arrived while a Retry-After was in force, counted from ``grace_s`` after
-    it was answered (requests already on the wire then could not have known)."""
-    windows = sorted((at + grace_s, deadline - cloud.retry_after_slack_s)
-                     for at, deadline in cloud.retry_after_given)
-    merged: list[list[float]] = []
-    for start, end in windows:
-        if start >= end:
-            continue
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    starts = [w[0] for w in merged]
-    count = 0
+def retry_after_violations(cloud: StandinCloud, kills: Sequence[float] = (),
+                           grace_s: float = RETRY_AFTER_GRACE_S) -> tuple[int, int]:
+    """Count requests that arrived while a Retry-After was in force: (violations, forgotten).
+
+    A window opens ``grace_s`` after the answer left (requests already on the wire then could
+    not have known). A Retry-After that the agent was SIGKILLed within
+    ``RETRY_AFTER_RECORD_S`` of receiving could not have been made durable (the answer is
+    recorded with the verdict's commit), so requests inside only such windows are counted
+    apart as *forgotten*, not as violations.
+    """
+    kill_times = sorted(kills)
+
+    def killed_soon_after(at: float) -> bool:
+        i = bisect.bisect_left(kill_times, at)
+        return i < len(kill_times) and kill_times[i] <= at + RETRY_AFTER_RECORD_S
+
+    def merged(given: Sequence[tuple[float, float]]) -> list[list[float]]:
+        out: list[list[float]] = []
+        for start, end in sorted((at + grace_s, deadline - cloud.retry_after_slack_s)
+                                 for at, deadline in given):
+            if start >= end:
+                continue
+            if out and start <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], end)
+            else:
+                out.append([start, end])
+        return out
+
+    def inside(windows: list[list[float]], at: float) -> bool:
+        i = bisect.bisect_right([w[0] for w in windows], at) - 1
+        return i >= 0 and at < windows[i][1]
+
+    kept = merged([g for g in cloud.retry_after_given if not killed_soon_after(g[0])])
+    lost = merged([g for g in cloud.retry_after_given if killed_soon_after(g[0])])
+    violations = forgotten = 0
     for record in cloud.requests:
-        i = bisect.bisect_right(starts, record.at) - 1
-        if i >= 0 and record.at < merged[i][1]:
-            count += 1
-    return count
+        if inside(kept, record.at):
+            violations += 1
+        elif inside(lost, record.at):
+            forgotten += 1
+    return violations, forgotten
 
 
-def check(tills: Sequence[Till], cloud: StandinCloud) -> Report:
-    """Compare what the tills were told with what the cloud committed."""
+def check(tills: Sequence[Till], cloud: StandinCloud, kills: Sequence[float] = ()) -> Report:
+    """Compare what the tills were told with what the cloud committed (``kills``: when the
+    agent was SIGKILLed, wall clock)."""
     posted: dict[str, dict[str, Any]] = {}
     report = Report()
     for till in tills:
@@ -471,7 +503,8 @@ def check(tills: Sequence[Till], cloud: StandinCloud) -> Report:
             if seq < highest:
                 report.order_violations.append(f"{identity} after seq {highest}")
             highest = max(highest, seq)
-    report.retry_after_violations = retry_after_violations(cloud)
+    report.retry_after_violations, report.retry_after_forgotten = retry_after_violations(
+        cloud, kills)
     return report
 
 

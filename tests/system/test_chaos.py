@@ -89,7 +89,7 @@ async def chaos_run(tmp_path: Path, *, kills: int, seed: int,
                 chaos_s = time.monotonic() - started
                 await wait_drained(agent, cloud, timeout_s=120)
             assert await agent.stop() == 0, agent.log_tail()
-            report = check(tills, cloud)
+            report = check(tills, cloud, agent.killed_at)
             integrity = integrity_check(tmp_path / "outbox.db")
             facts: dict[str, object] = {
                 "seed": seed, "kills": agent.kills, "chaos_s": round(chaos_s, 1),
