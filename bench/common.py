@@ -1,9 +1,11 @@
 """What every benchmark shares: result rows, a scratch directory on a real disk, I/O counters.
 
 A benchmark module exposes ``run(args) -> list[Row]``; ``args`` carries ``quick`` (smaller
-sizes for CI) and ``root`` (a fresh scratch directory on a disk-backed file system, made by
-``scratch_dir``). The runner in ``bench.run`` prints the rows and writes them to
-BENCHMARKS.md.
+sizes, a smoke run), ``write`` (whether BENCHMARKS.md is being rewritten), ``root`` (a fresh
+scratch directory on a disk-backed file system, made by ``scratch_dir``) and ``images``
+(where plots go: ``docs/img`` with ``--write``, else the git-ignored ``bench/out``). The
+runner in ``bench.run`` prints the rows, each with the command that reproduces it, and
+writes them to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class Row:
     target: str = ""
     passed: bool | None = None
     note: str = ""
+    # The command that reproduces this row; the runner fills in ``python -m bench NAME``
+    # when a benchmark leaves it empty.
+    command: str = ""
 
     @property
     def result(self) -> str:

@@ -4,8 +4,9 @@ Usage::
 
     python -m bench                 # every benchmark, full sizes (several minutes)
     python -m bench outbox          # only the outbox benchmark
-    python -m bench --quick         # smaller sizes, under a minute (for CI)
+    python -m bench --quick         # smaller sizes, 1-2 minutes (a smoke test; not run by CI)
     python -m bench --write         # also rewrite each table section of BENCHMARKS.md
+    python -m bench latency drain   # the two benchmarks with plots (docs/img/*.png)
 
 To add a benchmark, add a module exposing ``run(args) -> list[bench.common.Row]`` to
 ``BENCHMARKS``. Its section of BENCHMARKS.md sits between ``<!-- bench:NAME:start -->`` and
@@ -15,6 +16,7 @@ To add a benchmark, add a module exposing ``run(args) -> list[bench.common.Row]`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib
 import os
@@ -35,8 +37,11 @@ BENCHMARKS: dict[str, str] = {
     "outbox": "bench.outbox_bench",
     "relay": "bench.relay_bench",
     "agent": "bench.agent_bench",
+    "latency": "bench.latency_bench",
+    "drain": "bench.drain_bench",
 }
-COLUMNS = ("Figure", "Value", "Unit", "Peer", "Peer value", "Ratio", "Target", "Result")
+COLUMNS = ("Figure", "Value", "Unit", "Peer", "Peer value", "Ratio", "Target", "Result",
+           "Command")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -44,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
-    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1-2 minutes")
     parser.add_argument("--write", action="store_true",
                         help="rewrite each benchmark's table section in --file")
     parser.add_argument("--dir", type=Path, default=REPO / "bench" / "out",
@@ -67,7 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(BENCHMARKS[name])
         with scratch_dir(args.dir / name, keep=args.keep) as root:
             load, started = os.getloadavg()[0], time.perf_counter()
-            rows = module.run(argparse.Namespace(**vars(args), root=root))
+            # Plots go next to the markdown they illustrate only with --write; otherwise to
+            # the (git-ignored) scratch base, so a trial run never replaces the docs' PNGs.
+            images = REPO / "docs" / "img" if args.write else args.dir
+            rows = module.run(argparse.Namespace(**vars(args), root=root, images=images))
+            rows = [with_command(row, name, args.quick) for row in rows]
             header = run_header(args, root, time.perf_counter() - started, load, command)
         print(f"\n== {name}\n{header}\n\n{render_text(rows)}\n{render_notes(rows)}")
         print(f"Reproduce: {command}")
@@ -76,6 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            f"{render_notes(rows)}")
             print(f"bench: wrote the {name} section of {args.file}")
     return 0
+
+
+def with_command(row: Row, name: str, quick: bool) -> Row:
+    """``row`` with the command that reproduces it (this benchmark alone, same size)."""
+    if row.command:
+        return row
+    return dataclasses.replace(row, command=shlex.join(
+        ["python", "-m", "bench", name, *(["--quick"] if quick else [])]))
 
 
 def run_header(args: argparse.Namespace, root: Path, seconds: float, load: float,
@@ -107,11 +124,12 @@ def fmt(value: float | None) -> str:
     return f"{value:.3f}" if size < 1 else f"{value:.2f}"
 
 
-def cells(row: Row) -> list[str]:
-    """The row as strings, in ``COLUMNS`` order."""
+def cells(row: Row, *, markdown: bool = False) -> list[str]:
+    """The row as strings, in ``COLUMNS`` order (the command as code in markdown)."""
     ratio = f"{row.ratio:.2f}×" if row.ratio is not None else ""
+    command = f"`{row.command}`" if markdown and row.command else row.command
     return [row.figure, fmt(row.value), row.unit, row.peer, fmt(row.peer_value), ratio,
-            row.target, row.result]
+            row.target, row.result, command]
 
 
 def render_text(rows: list[Row]) -> str:
@@ -133,8 +151,9 @@ def render_markdown(rows: list[Row]) -> str:
     def line(values: list[str]) -> str:
         return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
 
-    align = ["---", "---:", "---", "---", "---:", "---:", "---", "---"]
-    return "\n".join([line(list(COLUMNS)), line(align), *(line(cells(r)) for r in rows)])
+    align = ["---", "---:", "---", "---", "---:", "---:", "---", "---", "---"]
+    body = (line(cells(r, markdown=True)) for r in rows)
+    return "\n".join([line(list(COLUMNS)), line(align), *body])
 
 
 def render_notes(rows: list[Row]) -> str:

@@ -48,6 +48,7 @@ from tests.system.harness import (
     terminal_ids,
     wait_drained,
     write_agent_config,
+    young_gc_only,
 )
 
 KILLS = int(os.environ.get("TILLSYNC_CHAOS_KILLS", "20"))
@@ -76,18 +77,23 @@ async def chaos_run(tmp_path: Path, *, kills: int, seed: int,
             flapper = CloudFlapper(cloud, rng)
             started = time.monotonic()
             connector = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(connector=connector) as http:
-                till_tasks = [asyncio.create_task(till.run(stop_tills, http)) for till in tills]
-                flapping = asyncio.create_task(flapper.run(stop_flapping))
-                try:
-                    await kill_loop(agent, kills=kills, uptime_s=UPTIME_S, rng=rng)
-                    await asyncio.sleep(1.0)  # the last agent takes sales in a calm moment too
-                finally:
-                    stop_tills.set()
-                    stop_flapping.set()
-                    await asyncio.gather(*till_tasks, flapping)
-                chaos_s = time.monotonic() - started
-                await wait_drained(agent, cloud, timeout_s=120)
+            # young_gc_only: a full collection over the cloud's growing logs stalls this
+            # process's loop (up to 0.7 s in long runs), which would time requests that were
+            # on the wire as arriving inside a Retry-After window.
+            with young_gc_only():
+                async with aiohttp.ClientSession(connector=connector) as http:
+                    till_tasks = [asyncio.create_task(till.run(stop_tills, http))
+                                  for till in tills]
+                    flapping = asyncio.create_task(flapper.run(stop_flapping))
+                    try:
+                        await kill_loop(agent, kills=kills, uptime_s=UPTIME_S, rng=rng)
+                        await asyncio.sleep(1.0)  # the last agent sells in a calm moment too
+                    finally:
+                        stop_tills.set()
+                        stop_flapping.set()
+                        await asyncio.gather(*till_tasks, flapping)
+                    chaos_s = time.monotonic() - started
+                    await wait_drained(agent, cloud, timeout_s=120)
             assert await agent.stop() == 0, agent.log_tail()
             report = check(tills, cloud, agent.killed_at)
             integrity = integrity_check(tmp_path / "outbox.db")
