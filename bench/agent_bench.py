@@ -39,7 +39,7 @@ from typing import Any
 import aiohttp
 
 from agent.readiness import wait_until_ready
-from bench.common import Row, at_least, at_most
+from bench.common import Row, at_least, at_most, child_server
 from bench.relay_bench import sink_server
 from outbox.crypto import create_key_file
 
@@ -144,20 +144,8 @@ def run(args: Any) -> list[Row]:
 @contextmanager
 def ingest_server() -> Iterator[tuple[str, int]]:
     """Start ``bench.ingest_server`` in a child process; yield its base URL and pid."""
-    child = subprocess.Popen([sys.executable, "-m", "bench.ingest_server"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None
-        port = json.loads(child.stdout.readline())["port"]
-        yield f"http://127.0.0.1:{port}", child.pid
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    with child_server("bench.ingest_server") as (child, read):
+        yield f"http://127.0.0.1:{read()['port']}", child.pid
 
 
 def free_port() -> int:

@@ -11,12 +11,16 @@ writes them to BENCHMARKS.md.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # File systems that live in RAM: an fsync there costs nothing, so results would lie.
 RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
@@ -145,3 +149,26 @@ def at_least(value: float, bound: float) -> bool:
 def at_most(value: float, bound: float) -> bool:
     """Target check that reads like the target text: ``value ≤ bound``."""
     return value <= bound
+
+
+@contextlib.contextmanager
+def child_server(module: str) -> Iterator[tuple[subprocess.Popen[str], Callable[[], Any]]]:
+    """Run ``python -m module`` (a bench server that prints JSON lines and exits when its
+    stdin closes); yield the process and a reader of its next line."""
+    child = subprocess.Popen([sys.executable, "-m", module],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def read() -> Any:
+        assert child.stdout is not None
+        return json.loads(child.stdout.readline())
+
+    try:
+        yield child, read
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

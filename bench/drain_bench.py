@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +44,7 @@ from bench.agent_bench import (
     until_drained,
     write_config,
 )
-from bench.common import Row, at_most
+from bench.common import Row, at_most, child_server
 from outbox.sinks.base import DEFAULT_BACKOFF_CAP_S
 
 SAMPLE_S = 0.2
@@ -102,21 +99,9 @@ def run(args: Any) -> list[Row]:
 @contextmanager
 def outage_cloud() -> Iterator[tuple[str, str]]:
     """Start ``bench.outage_cloud``; yield the webhook URL and the control base URL."""
-    child = subprocess.Popen([sys.executable, "-m", "bench.outage_cloud"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None
-        url = json.loads(child.stdout.readline())["url"]
-        port = json.loads(child.stdout.readline())["port"]
-        yield url, f"http://127.0.0.1:{port}"
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    with child_server("bench.outage_cloud") as (_, read):
+        url = read()["url"]
+        yield url, f"http://127.0.0.1:{read()['port']}"
 
 
 async def owed_and_state(session: aiohttp.ClientSession, agent: str) -> tuple[int, str]:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import Row, at_least
+from bench.common import Row, at_least, child_server
 from outbox import Delivery, NewEvent, Outbox
 from outbox.relay import Relay
 from outbox.sinks import SinkPolicy, WebhookSettings, WebhookSink
@@ -93,19 +91,8 @@ def run(args: Any) -> list[Row]:
 @contextmanager
 def sink_server() -> Iterator[str]:
     """Start ``bench.sink_server`` in a child process; yield its base URL."""
-    child = subprocess.Popen([sys.executable, "-m", "bench.sink_server"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None
-        port = json.loads(child.stdout.readline())["port"]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
+    with child_server("bench.sink_server") as (_, read):
+        yield f"http://127.0.0.1:{read()['port']}"
 
 
 # -- the sink's counters -----------------------------------------------------------------------
