@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,19 +298,28 @@ async def open_loop(base: str, requests: list[Request]) -> Latency:
             if resp.status != 202:
                 raise RuntimeError(f"the agent answered {resp.status}: {answer[:200]!r}")
 
-        tasks = []
-        t0 = time.perf_counter() + 0.05
-        for i, request in enumerate(requests):
-            due = t0 + i / RATE
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(request, due)))
-        await asyncio.gather(*tasks)
+        await send_on_schedule(requests, RATE, one)
     times.sort()
     lags.sort()
     return Latency(len(times), 1000 * quantile(times, 0.50), 1000 * quantile(times, 0.99),
                    1000 * times[-1], 1000 * quantile(lags, 0.99))
+
+
+async def send_on_schedule(requests: list[Request], rate: float,
+                           one: Callable[[Request, float], Coroutine[Any, Any, None]],
+                           ) -> float:
+    """Start ``one(request, due)`` for request ``i`` at ``due = t0 + i / rate``, whatever
+    the earlier ones are doing (open loop); wait for all; return ``t0``."""
+    tasks = []
+    t0 = time.perf_counter() + 0.05
+    for i, request in enumerate(requests):
+        due = t0 + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(request, due)))
+    await asyncio.gather(*tasks)
+    return t0
 
 
 def quantile(ordered: list[float], q: float) -> float:

@@ -42,6 +42,7 @@ from bench.agent_bench import (
     check_exactly_once,
     get_json,
     quantile,
+    send_on_schedule,
     until_drained,
     write_config,
 )
@@ -153,15 +154,7 @@ async def open_loop(base: str, requests: list[Request], rate: float) -> Step:
             else:
                 errors += 1
 
-        tasks = []
-        t0 = time.perf_counter() + 0.05
-        for i, request in enumerate(requests):
-            due = t0 + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(request, due)))
-        await asyncio.gather(*tasks)
+        t0 = await send_on_schedule(requests, rate, one)
     if not times:
         raise RuntimeError(f"no sale was answered 202 at {rate:g}/s ({errors} errors)")
     times.sort()
