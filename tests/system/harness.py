@@ -392,7 +392,7 @@ class Report:
     whose content differs from what the till posted, or a key resent with other bytes),
     Retry-After violations, per-terminal order violations, and refusals (a 4xx to a valid
     sale). Every figure but ``acknowledged``, ``recovered`` and ``retry_after_forgotten``
-    (a Retry-After the agent was killed on receiving; see ``retry_after_violations``) must
+    (a Retry-After the agent was killed on receiving; see ``early_requests``) must
     be 0.
     """
 
@@ -440,15 +440,25 @@ def _seq(identity: str) -> int:
     return int(identity.rsplit("-", 1)[1])
 
 
-def retry_after_violations(cloud: StandinCloud, kills: Sequence[float] = (),
-                           grace_s: float = RETRY_AFTER_GRACE_S) -> tuple[int, int]:
-    """Count requests that arrived while a Retry-After was in force: (violations, forgotten).
+@dataclass(frozen=True)
+class EarlyRequest:
+    """A request that arrived while a Retry-After was in force (see ``early_requests``)."""
+
+    at: float
+    after_answer_s: float  # since the latest Retry-After answer before it (grace included)
+    before_deadline_s: float  # until the window it fell in ends
+    forgotten: bool  # only windows the agent was killed on receiving cover it
+
+
+def early_requests(cloud: StandinCloud, kills: Sequence[float] = (),
+                   grace_s: float = RETRY_AFTER_GRACE_S) -> list[EarlyRequest]:
+    """Requests that arrived while a Retry-After was in force, with their timing.
 
     A window opens ``grace_s`` after the answer left (requests already on the wire then could
     not have known). A Retry-After that the agent was SIGKILLed within
     ``RETRY_AFTER_RECORD_S`` of receiving could not have been made durable (the answer is
-    recorded with the verdict's commit), so requests inside only such windows are counted
-    apart as *forgotten*, not as violations.
+    recorded with the verdict's commit), so a request inside only such windows is marked
+    *forgotten* rather than counted as a violation.
     """
     kill_times = sorted(kills)
 
@@ -456,31 +466,39 @@ def retry_after_violations(cloud: StandinCloud, kills: Sequence[float] = (),
         i = bisect.bisect_left(kill_times, at)
         return i < len(kill_times) and kill_times[i] <= at + RETRY_AFTER_RECORD_S
 
-    def merged(given: Sequence[tuple[float, float]]) -> list[list[float]]:
-        out: list[list[float]] = []
+    def merged(given: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
+        """Disjoint windows as (starts, ends), ascending."""
+        starts: list[float] = []
+        ends: list[float] = []
         for start, end in sorted((at + grace_s, deadline - cloud.retry_after_slack_s)
                                  for at, deadline in given):
             if start >= end:
                 continue
-            if out and start <= out[-1][1]:
-                out[-1][1] = max(out[-1][1], end)
+            if ends and start <= ends[-1]:
+                ends[-1] = max(ends[-1], end)
             else:
-                out.append([start, end])
-        return out
+                starts.append(start)
+                ends.append(end)
+        return starts, ends
 
-    def inside(windows: list[list[float]], at: float) -> bool:
-        i = bisect.bisect_right([w[0] for w in windows], at) - 1
-        return i >= 0 and at < windows[i][1]
+    def window_end(windows: tuple[list[float], list[float]], at: float) -> float | None:
+        starts, ends = windows
+        i = bisect.bisect_right(starts, at) - 1
+        return ends[i] if i >= 0 and at < ends[i] else None
 
     kept = merged([g for g in cloud.retry_after_given if not killed_soon_after(g[0])])
     lost = merged([g for g in cloud.retry_after_given if killed_soon_after(g[0])])
-    violations = forgotten = 0
+    answered = sorted(at for at, _ in cloud.retry_after_given)
+    found = []
     for record in cloud.requests:
-        if inside(kept, record.at):
-            violations += 1
-        elif inside(lost, record.at):
-            forgotten += 1
-    return violations, forgotten
+        end, forgotten = window_end(kept, record.at), False
+        if end is None:
+            end, forgotten = window_end(lost, record.at), True
+        if end is not None:
+            latest = answered[bisect.bisect_right(answered, record.at - grace_s) - 1]
+            found.append(EarlyRequest(record.at, record.at - latest, end - record.at,
+                                      forgotten))
+    return found
 
 
 def check(tills: Sequence[Till], cloud: StandinCloud, kills: Sequence[float] = ()) -> Report:
@@ -524,8 +542,9 @@ def check(tills: Sequence[Till], cloud: StandinCloud, kills: Sequence[float] = (
             if seq < highest:
                 report.order_violations.append(f"{identity} after seq {highest}")
             highest = max(highest, seq)
-    report.retry_after_violations, report.retry_after_forgotten = retry_after_violations(
-        cloud, kills)
+    early = early_requests(cloud, kills)
+    report.retry_after_forgotten = sum(e.forgotten for e in early)
+    report.retry_after_violations = len(early) - report.retry_after_forgotten
     return report
 
 

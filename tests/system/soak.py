@@ -130,24 +130,16 @@ class LoopLag:
 
 
 def retry_after_details(cloud: Any, grace_s: float) -> list[dict[str, float]]:
-    """The requests the harness's checker counts as Retry-After violations, with timing.
-
-    Same rule as ``harness.retry_after_violations`` (a request arriving from ``grace_s``
-    after a 429/503 with Retry-After was answered until its deadline), but per request:
-    how long after the answer it arrived and how long before the deadline, so a report can
+    """The requests the harness's checker counts as Retry-After violations, with timing:
+    how long after the answer each arrived and how long before the deadline, so a report can
     tell an agent ignoring the header (arrives well inside the window) from one that sent
-    before it could have read the answer (arrives just past the grace).
-    """
-    found = []
-    for record in cloud.requests:
-        for answered, deadline in cloud.retry_after_given:
-            end = deadline - cloud.retry_after_slack_s
-            if answered + grace_s <= record.at < end:
-                found.append({"at": round(record.at, 3),
-                              "after_answer_s": round(record.at - answered, 3),
-                              "before_deadline_s": round(end - record.at, 3)})
-                break
-    return found
+    before it could have read the answer (arrives just past the grace)."""
+    # Imported here: this module is also the agent's wrapper script, which needs none of it.
+    from tests.system.harness import early_requests
+
+    return [{"at": round(e.at, 3), "after_answer_s": round(e.after_answer_s, 3),
+             "before_deadline_s": round(e.before_deadline_s, 3)}
+            for e in early_requests(cloud, grace_s=grace_s)]
 
 
 async def sample_every(interval_s: float, stop: asyncio.Event,

@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -100,7 +101,7 @@ async def chaos_run(tmp_path: Path, *, kills: int, seed: int,
             facts: dict[str, object] = {
                 "seed": seed, "kills": agent.kills, "chaos_s": round(chaos_s, 1),
                 "offered_per_s": round(sum(t.next_seq - 1 for t in tills) / chaos_s, 1),
-                "answers": dict(sum((t.answers for t in tills), start=type(tills[0].answers)())),
+                "answers": dict(sum((t.answers for t in tills), start=Counter[int]())),
                 "unanswered_attempts": sum(t.no_answer for t in tills),
                 "cloud_requests": len(cloud.requests), "cloud_effects": len(cloud.effects),
                 "phases": dict(flapper.seen), "integrity_check": integrity,
