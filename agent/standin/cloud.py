@@ -216,6 +216,19 @@ class RequestRecord:
 
 
 @dataclass(frozen=True)
+class RetryAfterAnswer:
+    """A 429/503 that carried a Retry-After: when its request arrived, when the answer left.
+
+    A checker needs the arrival too: an answer to a client that died in between was never
+    heard by anyone.
+    """
+
+    asked_at: float
+    at: float
+    deadline: float
+
+
+@dataclass(frozen=True)
 class BodyMismatch:
     """A key reused with different bytes: a client bug (the contract promises identical bytes)."""
 
@@ -346,9 +359,10 @@ class StandinCloud:
         self.requests: list[RequestRecord] = []
         self.body_mismatches: list[BodyMismatch] = []
         self.retry_after_violations: list[RetryAfterViolation] = []
-        # (answered at, not before) for every 429/503 that carried a Retry-After: a checker
-        # that allows for requests already in flight when the answer left reads these.
-        self.retry_after_given: list[tuple[float, float]] = []
+        # Every 429/503 that carried a Retry-After: a checker that allows for requests
+        # already in flight when the answer left, or for a client killed meanwhile, reads
+        # these.
+        self.retry_after_given: list[RetryAfterAnswer] = []
 
         self._saved: dict[str, _Saved] = {}
         self._in_progress: set[str] = set()
@@ -556,7 +570,8 @@ class StandinCloud:
                 deadline = _retry_after_deadline(retry_after, self._clock())
                 if deadline is not None:
                     self._not_before = max(deadline, self._not_before or deadline)
-                    self.retry_after_given.append((self._clock(), deadline))
+                    self.retry_after_given.append(
+                        RetryAfterAnswer(record.at, self._clock(), deadline))
         if replayed:
             headers[REPLAYED_HEADER] = "true"
         if status == 401:
@@ -879,7 +894,10 @@ def report_document(cloud: StandinCloud) -> dict[str, Any]:
             }
             for m in cloud.body_mismatches
         ],
-        "retry_after_given": [[at, deadline] for at, deadline in cloud.retry_after_given],
+        "retry_after_given": [
+            {"asked_at": g.asked_at, "at": g.at, "deadline": g.deadline}
+            for g in cloud.retry_after_given
+        ],
         "retry_after_violations": [
             {"at": v.at, "not_before": v.not_before, "method": v.method, "path": v.path,
              "key": v.key}

@@ -42,7 +42,7 @@ from typing import Any
 
 import aiohttp
 
-from agent.standin.cloud import Fault, StandinCloud
+from agent.standin.cloud import Fault, RetryAfterAnswer, StandinCloud
 from outbox.crypto import create_key_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,8 +53,9 @@ DAY = "20261123"
 # request the agent chose to send while it knew it had to wait.
 RETRY_AFTER_GRACE_S = 0.1
 # A Retry-After is durable once the relay round holding its verdict commits: milliseconds,
-# more on a loaded machine. A SIGKILL inside this time may forget it; that is reported
-# apart (``Report.retry_after_forgotten``) rather than as a violation.
+# more on a loaded machine. A SIGKILL inside this time may forget it, and so does one before
+# the answer leaves (the asker is dead); that is reported apart
+# (``Report.retry_after_forgotten``) rather than as a violation.
 RETRY_AFTER_RECORD_S = 0.25
 
 
@@ -403,7 +404,7 @@ class Report:
     unexpected: list[str] = field(default_factory=list)
     body_mismatches: list[str] = field(default_factory=list)
     retry_after_violations: int = 0
-    retry_after_forgotten: int = 0  # inside a Retry-After the agent was killed on receiving
+    retry_after_forgotten: int = 0  # inside a Retry-After its asker was killed before recording
     order_violations: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
 
@@ -455,23 +456,26 @@ def early_requests(cloud: StandinCloud, kills: Sequence[float] = (),
     """Requests that arrived while a Retry-After was in force, with their timing.
 
     A window opens ``grace_s`` after the answer left (requests already on the wire then could
-    not have known). A Retry-After that the agent was SIGKILLed within
-    ``RETRY_AFTER_RECORD_S`` of receiving could not have been made durable (the answer is
-    recorded with the verdict's commit), so a request inside only such windows is marked
-    *forgotten* rather than counted as a violation.
+    not have known). An answer that no living agent could have made durable is *forgotten*,
+    not ignored: one whose asker was SIGKILLed before the answer left (the cloud was still
+    working on a dead process's request, e.g. in a slow phase) or within
+    ``RETRY_AFTER_RECORD_S`` after (the answer is recorded with the verdict's commit). A
+    request inside only such windows is marked ``forgotten`` rather than counted as a
+    violation.
     """
     kill_times = sorted(kills)
 
-    def killed_soon_after(at: float) -> bool:
-        i = bisect.bisect_left(kill_times, at)
-        return i < len(kill_times) and kill_times[i] <= at + RETRY_AFTER_RECORD_S
+    def unheard(answer: RetryAfterAnswer) -> bool:
+        i = bisect.bisect_left(kill_times, answer.asked_at)
+        return (i < len(kill_times)
+                and kill_times[i] <= answer.at + RETRY_AFTER_RECORD_S)
 
-    def merged(given: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    def merged(given: Sequence[RetryAfterAnswer]) -> tuple[list[float], list[float]]:
         """Disjoint windows as (starts, ends), ascending."""
         starts: list[float] = []
         ends: list[float] = []
-        for start, end in sorted((at + grace_s, deadline - cloud.retry_after_slack_s)
-                                 for at, deadline in given):
+        for start, end in sorted((g.at + grace_s, g.deadline - cloud.retry_after_slack_s)
+                                 for g in given):
             if start >= end:
                 continue
             if ends and start <= ends[-1]:
@@ -486,9 +490,9 @@ def early_requests(cloud: StandinCloud, kills: Sequence[float] = (),
         i = bisect.bisect_right(starts, at) - 1
         return ends[i] if i >= 0 and at < ends[i] else None
 
-    kept = merged([g for g in cloud.retry_after_given if not killed_soon_after(g[0])])
-    lost = merged([g for g in cloud.retry_after_given if killed_soon_after(g[0])])
-    answered = sorted(at for at, _ in cloud.retry_after_given)
+    kept = merged([g for g in cloud.retry_after_given if not unheard(g)])
+    lost = merged([g for g in cloud.retry_after_given if unheard(g)])
+    answered = sorted(g.at for g in cloud.retry_after_given)
     found = []
     for record in cloud.requests:
         end, forgotten = window_end(kept, record.at), False

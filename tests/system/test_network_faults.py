@@ -44,6 +44,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agent.standin.cloud import RetryAfterAnswer
 from tests.system import netlab
 from tests.system.faultproxy import FaultProxy
 from tests.system.harness import (
@@ -101,7 +102,7 @@ class ReportedCloud:
     effects: list[ReportedEffect]
     requests: list[ReportedRequest]
     body_mismatches: list[ReportedMismatch]
-    retry_after_given: list[tuple[float, float]]
+    retry_after_given: list[RetryAfterAnswer]
     retry_after_slack_s: float
 
     @classmethod
@@ -113,7 +114,7 @@ class ReportedCloud:
             requests=[ReportedRequest(r["at"], r["method"], r["key"], r["status"], r["outcome"])
                       for r in doc["requests"]],
             body_mismatches=[ReportedMismatch(m["key"]) for m in doc["body_mismatches"]],
-            retry_after_given=[(a, d) for a, d in doc["retry_after_given"]],
+            retry_after_given=[RetryAfterAnswer(**g) for g in doc["retry_after_given"]],
             retry_after_slack_s=doc["retry_after_slack_s"])
 
     def identity_of(self, effect: ReportedEffect) -> str:
