@@ -325,6 +325,11 @@ class OutboxConfig(_Section):
     capacity_bytes: int | None = Field(default=None, gt=0, examples=[2_000_000_000], description=(
         "Refuse new events (HTTP 507) beyond this database size; nothing accepted is ever "
         "dropped to make room. Not set: limited by free disk space."))
+    disk_reserve_bytes: int = Field(default=8 * 1024 * 1024, ge=0, description=(
+        "Disk kept free for deliveries, as a file beside the database (<path>.reserve). "
+        "When the disk fills up the file is deleted, so the relay can still record what it "
+        "delivers while new events get HTTP 507; they are accepted again once twice this "
+        "much is free. 0: no reserve (a full disk then also stops delivery)."))
     retention_days: float = Field(default=7.0, gt=0, description=(
         "Days to keep the payload of an event every sink has received, then purge it."))
     forget_after_days: float = Field(default=30.0, gt=0, description=(

@@ -104,7 +104,8 @@ class Agent:
         cfg = self.config.outbox
         with exclusive(cfg.path):
             self.store = await Outbox.open(cfg.path, cfg.key_file, durability=cfg.durability,
-                                           capacity_bytes=cfg.capacity_bytes)
+                                           capacity_bytes=cfg.capacity_bytes,
+                                           disk_reserve_bytes=cfg.disk_reserve_bytes)
             log.info("outbox %s open (durability %s)", cfg.path, cfg.durability)
             try:
                 yield
@@ -232,6 +233,9 @@ class Agent:
             return "the outbox database failed its integrity check"
         if not self.store.healthy:
             return "the outbox cannot write (I/O error); reopening"
+        refusal = self.store.disk_refusal()
+        if refusal is not None:
+            return f"the outbox is full: {refusal}"
         if self._full_at is not None and time.monotonic() - self._full_at < FULL_REPORT_S:
             return f"the outbox is full: {self._full_reason}"
         return None

@@ -71,7 +71,10 @@ function on the connection's thread (``outbox.transactions``), one round trip pe
 rather than one per statement. An I/O error is fatal for the handle:
 the batch fails with ``OutboxUnavailable``, the connection is dropped and the next batch
 reopens from disk (never "retry the fsync"). ``SQLITE_FULL`` fails the appends of the batch
-with ``OutboxFull`` and retries the rest, which free space rather than use it.
+with ``OutboxFull`` and retries the rest. Those need write room too (WAL frames), so when it
+is the disk that filled, the store first deletes its disk reserve (``outbox.reserve``, a
+ballast file beside the database) and refuses appends until twice the reserve is free
+again: a full disk stops intake, never delivery.
 
 On-disk schema (``outbox.schema``, versioned by ``PRAGMA user_version``)
 ------------------------------------------------------------------------

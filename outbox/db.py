@@ -60,6 +60,26 @@ def _configure(raw: Raw, path: Path, durability: Durability, max_db_bytes: int |
         raw.execute(f"PRAGMA max_page_count = {max(1, max_db_bytes // page_size)}")
 
 
+# SQLite's default: checkpoint once the WAL holds this many pages.
+AUTOCHECKPOINT_PAGES = 1000
+# While the disk reserve is released (``outbox.reserve``): checkpoint every few pages, so
+# deliveries cycle through the WAL's existing blocks instead of growing it into the last
+# free ones (at 1,000 pages the WAL could want 4 MB more before its first checkpoint).
+TIGHT_AUTOCHECKPOINT_PAGES = 16
+
+
+def keep_wal_short(raw: Raw, short: bool) -> None:
+    """Checkpoint often and now (``short``), or go back to SQLite's default cadence.
+
+    The RESTART checkpoint moves what the WAL holds into the database, so the next commit
+    writes the WAL from its start again. A checkpoint that cannot finish is harmless here.
+    """
+    raw.execute(f"PRAGMA wal_autocheckpoint = "
+                f"{TIGHT_AUTOCHECKPOINT_PAGES if short else AUTOCHECKPOINT_PAGES}")
+    if short:
+        raw.execute("PRAGMA wal_checkpoint(RESTART)")
+
+
 async def hop(conn: Conn, fn: Callable[[Raw], T]) -> T:
     """Run ``fn(raw_connection)`` on the connection's thread: one round trip for it all.
 

@@ -19,7 +19,17 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 
 from outbox.crypto import KeyRing, create_key_file, load_key_file
-from outbox.db import Conn, Durability, Raw, connect, hop, is_full, open_error, quick_check
+from outbox.db import (
+    Conn,
+    Durability,
+    Raw,
+    connect,
+    hop,
+    is_full,
+    keep_wal_short,
+    open_error,
+    quick_check,
+)
 from outbox.errors import (
     KeyFileMissing,
     OutboxClosed,
@@ -39,6 +49,7 @@ from outbox.models import (
     PurgeResult,
     Settlement,
 )
+from outbox.reserve import DiskReserve
 from outbox.transactions import PURGE_SLICE, BatchResult, Transactions, Work
 
 log = logging.getLogger(__name__)
@@ -76,12 +87,14 @@ class Outbox:
     """An async, group-committing, encrypted outbox on one SQLite writer connection."""
 
     def __init__(self, path: Path, keyring: KeyRing, conn: Conn, *, durability: Durability,
-                 capacity_bytes: int | None, max_db_bytes: int | None, clock: Clock) -> None:
+                 capacity_bytes: int | None, max_db_bytes: int | None, clock: Clock,
+                 reserve: DiskReserve | None = None) -> None:
         self.path = path
         self.durability: Durability = durability
         self.capacity_bytes = capacity_bytes
         self.max_db_bytes = max_db_bytes
         self.commits = 0  # transactions committed by the writer: evidence of group commit
+        self.reserve = reserve or DiskReserve(path.with_name(path.name + ".reserve"), 0)
         self._tx = Transactions(keyring, clock, capacity_bytes)
         self._conn: Conn | None = conn
         self._clock = clock
@@ -101,11 +114,12 @@ class Outbox:
     async def open(cls, path: str | Path, key_file: str | Path, *,
                    durability: Durability = "full", capacity_bytes: int | None = None,
                    max_db_bytes: int | None = None, create_key: bool = False,
-                   clock: Clock = time.time) -> Outbox:
+                   disk_reserve_bytes: int = 0, clock: Clock = time.time) -> Outbox:
         """Open (or create) the outbox at ``path`` with the master key in ``key_file``.
 
         A missing key is created only when ``create_key`` is set *and* no database exists:
         a new key beside an existing queue would orphan every record in it.
+        ``disk_reserve_bytes`` keeps that much disk for deliveries (``outbox.reserve``).
         """
         path, key_file = Path(path), Path(key_file)
         if durability not in ("full", "normal"):
@@ -129,10 +143,16 @@ class Outbox:
             conn = await connect(path, durability, max_db_bytes)
         except sqlite3.Error as err:
             raise open_error(path, err) from err
+        reserve = DiskReserve(path.with_name(path.name + ".reserve"), disk_reserve_bytes)
         store = cls(path, keyring, conn, durability=durability, capacity_bytes=capacity_bytes,
-                    max_db_bytes=max_db_bytes, clock=clock)
+                    max_db_bytes=max_db_bytes, clock=clock, reserve=reserve)
         try:
             await hop(conn, lambda raw: store._tx.prepare(raw, path))
+            if not await asyncio.to_thread(reserve.hold):
+                log.warning("outbox: the %d-byte disk reserve cannot be put in place (it needs"
+                            " twice that free): new events are refused until there is room",
+                            reserve.size)
+                await store._keep_wal_short(True)
         except sqlite3.Error as err:
             await conn.close()
             raise open_error(path, err) from err
@@ -418,6 +438,13 @@ class Outbox:
             return
         others = [op for op in batch if isinstance(op, _WorkOp)]
         appends = [op for op in batch if isinstance(op, _AppendOp)]
+        if appends and not self.reserve.held and not await self._hold_reserve():
+            refused = OutboxFull(self.disk_refusal() or "the disk reserve cannot be written")
+            for append_op in appends:
+                _fail(append_op, refused)
+            appends = []
+            if not others:
+                return
         work = [op.work for op in others]
         events = [op.events for op in appends]
         try:
@@ -449,6 +476,14 @@ class Outbox:
         full = OutboxFull(f"the disk or database is full ({err})")
         for append_op in appends:
             _fail(append_op, full)
+        reserve = self.reserve
+        if reserve.held and await asyncio.to_thread(reserve.disk_is_short):
+            freed = await asyncio.to_thread(reserve.release)
+            log.warning("outbox: the disk is full; %s; new events are refused until %d bytes"
+                        " are free", f"released the {reserve.size}-byte reserve so that"
+                        " deliveries go on" if freed else f"could not delete {reserve.path}",
+                        2 * reserve.size)
+            await self._keep_wal_short(True)
         if not others or self._conn is None:
             return
         # Settling and admin work free space rather than use it: try them alone.
@@ -465,6 +500,42 @@ class Outbox:
             return
         self.commits += 1
         self._answer(others, [], result)
+
+    def disk_refusal(self) -> str | None:
+        """Why new events are refused to keep the disk reserve, or None.
+
+        Cheap enough for every ``/readyz`` (one statvfs): right after a restart on a full
+        disk it tells the truth before any till has been refused.
+        """
+        reserve = self.reserve
+        if reserve.held:
+            return None
+        try:
+            free = reserve.free_bytes()
+        except OSError as err:
+            return f"the disk reserve is released and free space unknown ({err})"
+        if free >= 2 * reserve.size:
+            return None  # the next append puts the reserve back
+        return (f"the disk is full: {free} bytes free, and the outbox keeps {reserve.size}"
+                f" for deliveries; new events resume once {2 * reserve.size} are free")
+
+    async def _hold_reserve(self) -> bool:
+        """Try to put the released disk reserve back; log when appends can resume."""
+        if not await asyncio.to_thread(self.reserve.hold):
+            return False
+        await self._keep_wal_short(False)
+        log.info("outbox: disk space is back; the %d-byte reserve is in place and new"
+                 " events are accepted again", self.reserve.size)
+        return True
+
+    async def _keep_wal_short(self, short: bool) -> None:
+        """See ``outbox.db.keep_wal_short``; runs between batches, on the writer's handle."""
+        if self._conn is None:
+            return
+        try:
+            await hop(self._conn, lambda raw: keep_wal_short(raw, short))
+        except (sqlite3.Error, ValueError) as err:
+            log.debug("outbox: WAL cadence not changed: %s", err)
 
     def _answer(self, others: list[_WorkOp], appends: list[_AppendOp],
                 result: BatchResult) -> None:

@@ -156,8 +156,9 @@ class AgentProcess:
         """The running process's pid, if any."""
         return None if self.proc is None or self.proc.returncode is not None else self.proc.pid
 
-    async def start(self, *, ready_timeout_s: float = 30.0) -> None:
-        """Start the process and wait until ``/readyz`` answers 200."""
+    async def start(self, *, ready_timeout_s: float = 30.0, until: str = "/readyz") -> None:
+        """Start the process and wait until ``until`` answers 200 (``/healthz`` for an agent
+        that is alive but rightly not ready, e.g. on a full disk)."""
         assert self.pid is None, "already running"
         self._started_at.append(time.time())
         with self.log_path.open("ab") as log:
@@ -166,10 +167,10 @@ class AgentProcess:
                 *self.command, "run", "--config", str(self.config), cwd=REPO, env=self.env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
         self.starts += 1
-        await self.wait_ready(ready_timeout_s)
+        await self.wait_ready(ready_timeout_s, until)
 
-    async def wait_ready(self, timeout_s: float) -> None:
-        """Poll ``/readyz``; raise with the log's tail if the process exits or times out."""
+    async def wait_ready(self, timeout_s: float, until: str = "/readyz") -> None:
+        """Poll ``until``; raise with the log's tail if the process exits or times out."""
         deadline = time.monotonic() + timeout_s
         async with aiohttp.ClientSession() as http:
             while time.monotonic() < deadline:
@@ -177,7 +178,7 @@ class AgentProcess:
                     raise RuntimeError(f"agent exited with {self.proc.returncode}:\n"
                                        f"{self.log_tail()}")
                 with contextlib.suppress(aiohttp.ClientError, OSError):
-                    async with http.get(f"{self.base}/readyz") as resp:
+                    async with http.get(f"{self.base}{until}") as resp:
                         if resp.status == 200:
                             self.ready_at.append(time.time())
                             return

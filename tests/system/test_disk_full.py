@@ -14,8 +14,11 @@ The outbox lives on a small filesystem of its own, the most real one this machin
 
 ``TILLSYNC_DISK_KIND`` forces one kind (to exercise a fallback where a better one exists).
 
-The stand-in cloud is down throughout, so nothing drains and the tills' sales only pile up;
-it comes back at the end, and the checker of ``harness`` compares what the tills were told
+The stand-in cloud is down while the disk fills, so nothing drains and the tills' sales
+only pile up. On a real filesystem it then comes back while the disk is still full: the
+outbox has released its disk reserve (``outbox.reserve``), so every acknowledged sale must be
+delivered while new ones are still refused. It goes down again, space returns, and at the
+end it comes back for good, and the checker of ``harness`` compares what the tills were told
 with what the cloud committed: every sale answered 202/200, before the disk filled or after
 it recovered, arrives exactly once.
 
@@ -62,6 +65,7 @@ RATE_PER_TILL = 40.0
 EXT4_BYTES = 32 * 1024 * 1024  # room to sell on after the ballast goes
 TMPFS_SIZE = "2m"
 TMPFS_GROWN = "64m"
+TMPFS_RESERVE = 256 * 1024
 LEAVE_FREE = 1_500_000  # what the ballast leaves: ~40 sales' worth of WAL frames
 PAGE_LIMIT_BYTES = 12_000  # page-limit fallback: ~25 sealed sales
 # The kinds tried, best first; TILLSYNC_DISK_KIND=tmpfs (or page-limit) tries only that one,
@@ -90,8 +94,16 @@ class SmallDisk:
 
     @property
     def outbox_extra(self) -> str:
-        """Config lines for ``[outbox]``: the capacity, in the page-limit fallback."""
+        """Config lines for ``[outbox]``: the capacity, in the page-limit fallback; a disk
+        reserve that fits the 2 MiB tmpfs (ext4 keeps the default 8 MiB)."""
+        if self.kind == "tmpfs":
+            return f"disk_reserve_bytes = {TMPFS_RESERVE}\n"
         return f"capacity_bytes = {PAGE_LIMIT_BYTES}\n" if not self.mounted else ""
+
+    @property
+    def reserve(self) -> Path:
+        """The outbox's disk reserve file (``outbox.reserve``)."""
+        return self.path / "outbox.db.reserve"
 
     def free(self) -> int:
         """Bytes free on it."""
@@ -175,10 +187,16 @@ def mount_small_disk(root: Path, kinds: tuple[str, ...] = KINDS) -> SmallDisk:
     return SmallDisk("page-limit", path)
 
 
-@pytest.fixture
-def disk(tmp_path: Path, record_property: Callable[[str, object], None]) -> Iterator[SmallDisk]:
-    """GIVEN a small filesystem for the outbox (the kind is recorded)."""
-    small = mount_small_disk(tmp_path)
+@pytest.fixture(params=["best", "tiny"])
+def disk(request: pytest.FixtureRequest, tmp_path: Path,
+         record_property: Callable[[str, object], None]) -> Iterator[SmallDisk]:
+    """GIVEN a small filesystem for the outbox (the kind is recorded): the best this machine
+    allows, then the 2 MiB tmpfs, whose 256 KiB disk reserve only suffices because the
+    outbox keeps the WAL short while the reserve is released."""
+    kinds = KINDS
+    if request.param == "tiny":
+        kinds = tuple(k for k in ("tmpfs", "page-limit") if k in KINDS) or KINDS
+    small = mount_small_disk(tmp_path, kinds)
     print(f"disk-full test on: {small.kind}")
     record_property("disk", small.kind)
     try:
@@ -264,7 +282,9 @@ async def test_a_full_disk_refuses_sales_507_and_recovers_without_a_restart(
     """GIVEN the outbox on a small filesystem and the cloud down WHEN two tills sell until
     the disk is full THEN they get 507 outbox_full with a Retry-After, status says failing
     with the reason, /healthz, /v1/status and /metrics keep answering and /readyz says why
-    it is not ready; WHEN space returns (ballast deleted, or tmpfs grown) THEN, with no
+    it is not ready; WHEN the cloud comes back while the disk is still full THEN every
+    acknowledged sale is delivered (the disk reserve gave the relay room) and sales are
+    still refused; WHEN space returns (ballast deleted, or tmpfs grown) THEN, with no
     restart, new sales get 202 again and status leaves failing; WHEN the cloud comes back
     THEN every sale ever answered 202/200 arrives exactly once."""
     figures: dict[str, Any] = {"disk": disk.kind}
@@ -309,7 +329,19 @@ async def test_a_full_disk_refuses_sales_507_and_recovers_without_a_restart(
                 code, text = await get(http, agent, "/metrics")
                 assert code == 200, text
                 assert 'tillsync_events_rejected_total{reason="outbox_full"}' in text
-                # 2. Space returns; no restart.
+                # 2. Deliveries go on while the disk is full: the reserve made room for the
+                # relay's writes, and appends stay refused so they do not take it.
+                if disk.mounted:
+                    assert not disk.reserve.exists(), "the disk reserve was not released"
+                    await cloud.open_port()
+                    await wait_until(lambda: len(cloud.effects) >= acked(tills), 30,
+                                     "every acknowledged sale delivered on the full disk",
+                                     agent)
+                    figures["delivered_while_full"] = len(cloud.effects)
+                    status, body, _ = await post(http, agent, sale(TILLS[0], 900_004))
+                    assert status == 507, body
+                    await cloud.close_port()
+                # 3. Space returns; no restart.
                 if disk.mounted:
                     disk.grow()
                 else:
@@ -323,12 +355,14 @@ async def test_a_full_disk_refuses_sales_507_and_recovers_without_a_restart(
                     assert time.monotonic() < deadline, await agent.status(http)
                     await asyncio.sleep(0.1)
                 assert agent.pid == pid, "the agent restarted"
+                if disk.mounted:
+                    assert disk.reserve.exists(), "the disk reserve was not written back"
                 await asyncio.sleep(1.0)  # selling on after recovery
                 await stop_tills(stop, tasks)
                 figures["acked_total"] = acked(tills)
                 answers: Counter[int] = sum((t.answers for t in tills), start=Counter())
                 figures["answers"] = {str(k): v for k, v in sorted(answers.items())}
-            # 3. The cloud comes back: everything acknowledged arrives, once.
+            # 4. The cloud comes back: everything acknowledged arrives, once.
             await cloud.open_port()
             await wait_drained(agent, cloud, timeout_s=60)
             assert await agent.stop() == 0, agent.log_tail()
@@ -405,11 +439,14 @@ async def test_a_sigkill_while_the_disk_is_full_loses_nothing_and_the_agent_serv
                 # SIGKILL while full, and start again on the full disk.
                 await agent.kill()
                 try:
-                    await agent.start(ready_timeout_s=20)
+                    await agent.start(ready_timeout_s=20, until="/healthz")
                 except (RuntimeError, TimeoutError) as err:
                     restart_error = str(err)
                 if restart_error is None:
                     assert (await get(http, agent, "/healthz"))[0] == 200
+                    if disk.mounted:  # the released reserve tells, before any sale is refused
+                        code, text = await get(http, agent, "/readyz")
+                        assert code == 503 and "disk is full" in text, (code, text)
                     status, body, _ = await post(http, agent, sale(TILLS[0], 900_003))
                     assert status == 507, body  # still full: refused, not lost
                 # Space returns, the cloud comes back.
