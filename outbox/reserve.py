@@ -74,7 +74,7 @@ class DiskReserve:
         return True
 
     def release(self) -> bool:
-        """Delete the reserve to give its room to deliveries; whether it was held."""
+        """Delete the reserve to give its room to deliveries; whether that room was freed."""
         if not self.held or self.size == 0:
             return False
         self.held = False  # even if the file will not go: appends must not take the room
