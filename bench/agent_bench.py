@@ -305,6 +305,17 @@ async def open_loop(base: str, requests: list[Request]) -> Latency:
                    1000 * times[-1], 1000 * quantile(lags, 0.99))
 
 
+async def accepted(session: aiohttp.ClientSession, url: str, request: Request) -> bool:
+    """POST one sale; whether it was answered 202 (a refused or broken connection is not)."""
+    body, headers = request
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            await resp.read()
+            return resp.status == 202
+    except (aiohttp.ClientError, OSError):
+        return False
+
+
 async def send_on_schedule(requests: list[Request], rate: float,
                            one: Callable[[Request, float], Coroutine[Any, Any, None]],
                            ) -> float:

@@ -37,6 +37,7 @@ from bench.agent_bench import (
     WARM_UP,
     Request,
     Sales,
+    accepted,
     agent_process,
     burst,
     get_json,
@@ -172,13 +173,7 @@ async def sell(agent: str, sales: Sales, rate: float, timeline: Timeline,
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
 
         async def one(request: Request, due: float) -> None:
-            body, headers = request
-            try:
-                async with session.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
-                    ok = resp.status == 202
-            except (aiohttp.ClientError, OSError):
-                ok = False
+            ok = await accepted(session, url, request)
             now = time.time() - timeline.t0
             if ok:
                 timeline.accepted_at.append(now)

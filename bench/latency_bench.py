@@ -37,6 +37,7 @@ from bench.agent_bench import (
     WARM_UP,
     Request,
     Sales,
+    accepted,
     agent_process,
     burst,
     check_exactly_once,
@@ -140,13 +141,7 @@ async def open_loop(base: str, requests: list[Request], rate: float) -> Step:
         async def one(request: Request, due: float) -> None:
             nonlocal errors, last_answer
             lags.append(time.perf_counter() - due)
-            body, headers = request
-            try:
-                async with session.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
-                    ok = resp.status == 202
-            except (aiohttp.ClientError, OSError):
-                ok = False
+            ok = await accepted(session, url, request)
             done = time.perf_counter()
             if ok:
                 times.append(done - due)
