@@ -28,6 +28,9 @@ import shutil
 from pathlib import Path
 
 CHUNK = 1 << 20  # zeros written at a time where posix_fallocate is missing (Windows)
+# Below this much free space a full-database error is the disk's, whatever the reserve size
+# (a page-count or capacity limit leaves the disk roomy).
+SHORT_BYTES = 1 << 20
 
 
 class DiskReserve:
@@ -47,7 +50,7 @@ class DiskReserve:
     def disk_is_short(self) -> bool:
         """Whether the filesystem, not a database limit, is what ran out of room."""
         try:
-            return self.free_bytes() < max(self.size, CHUNK)
+            return self.free_bytes() < max(self.size, SHORT_BYTES)
         except OSError:
             return False  # cannot tell: keep the reserve rather than guess
 

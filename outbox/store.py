@@ -88,13 +88,13 @@ class Outbox:
 
     def __init__(self, path: Path, keyring: KeyRing, conn: Conn, *, durability: Durability,
                  capacity_bytes: int | None, max_db_bytes: int | None, clock: Clock,
-                 reserve: DiskReserve | None = None) -> None:
+                 disk_reserve_bytes: int = 0) -> None:
         self.path = path
         self.durability: Durability = durability
         self.capacity_bytes = capacity_bytes
         self.max_db_bytes = max_db_bytes
         self.commits = 0  # transactions committed by the writer: evidence of group commit
-        self.reserve = reserve or DiskReserve(path.with_name(path.name + ".reserve"), 0)
+        self.reserve = DiskReserve(path.with_name(path.name + ".reserve"), disk_reserve_bytes)
         self._tx = Transactions(keyring, clock, capacity_bytes)
         self._conn: Conn | None = conn
         self._clock = clock
@@ -124,6 +124,8 @@ class Outbox:
         path, key_file = Path(path), Path(key_file)
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
+        if disk_reserve_bytes < 0:  # before anything is opened that would need closing
+            raise ValueError(f"disk_reserve_bytes cannot be negative ({disk_reserve_bytes})")
         db_exists = path.exists() and path.stat().st_size > 0
         if not key_file.exists():
             if db_exists:
@@ -143,9 +145,9 @@ class Outbox:
             conn = await connect(path, durability, max_db_bytes)
         except sqlite3.Error as err:
             raise open_error(path, err) from err
-        reserve = DiskReserve(path.with_name(path.name + ".reserve"), disk_reserve_bytes)
         store = cls(path, keyring, conn, durability=durability, capacity_bytes=capacity_bytes,
-                    max_db_bytes=max_db_bytes, clock=clock, reserve=reserve)
+                    max_db_bytes=max_db_bytes, clock=clock, disk_reserve_bytes=disk_reserve_bytes)
+        reserve = store.reserve
         try:
             await hop(conn, lambda raw: store._tx.prepare(raw, path))
             if not await asyncio.to_thread(reserve.hold):

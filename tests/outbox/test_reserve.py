@@ -63,6 +63,13 @@ def test_a_negative_size_is_refused(tmp_path: Path):
         DiskReserve(tmp_path / "r", -1)
 
 
+async def test_a_negative_reserve_is_refused_before_anything_is_opened(
+        open_store: OpenStore, paths: tuple[Path, Path]):
+    with pytest.raises(ValueError, match="disk_reserve_bytes"):
+        await open_store(disk_reserve_bytes=-1)
+    assert not paths[0].exists()
+
+
 async def test_the_store_takes_its_reserve_at_open_beside_the_database(
         open_store: OpenStore, paths: tuple[Path, Path]):
     store = await open_store(disk_reserve_bytes=MIB)
