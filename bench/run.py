@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, str] = {
     "agent": "bench.agent_bench",
     "latency": "bench.latency_bench",
     "drain": "bench.drain_bench",
+    "limits": "bench.limits_bench",
 }
 COLUMNS = ("Figure", "Value", "Unit", "Peer", "Peer value", "Ratio", "Target", "Result",
            "Command")
