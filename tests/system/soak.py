@@ -38,6 +38,10 @@ from pathlib import Path
 from typing import Any
 
 PURGE_ENV = "TILLSYNC_SOAK_PURGE_INTERVAL_S"
+# Set to a path prefix, the agent also dumps a tracemalloc snapshot every TRACE_EVERY_S
+# seconds to "<prefix>.<seconds since start>": which Python allocations grow, if any.
+TRACE_ENV = "TILLSYNC_SOAK_TRACE"
+TRACE_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -304,15 +308,41 @@ def astuple_ordered(sample: Sample) -> list[Any]:
 
 
 def run_agent(argv: Sequence[str]) -> int:
-    """``tillsync`` with the purge job every ``$TILLSYNC_SOAK_PURGE_INTERVAL_S`` seconds."""
+    """``tillsync`` with the purge job every ``$TILLSYNC_SOAK_PURGE_INTERVAL_S`` seconds (and
+    tracemalloc snapshots when ``$TILLSYNC_SOAK_TRACE`` is set)."""
     import agent.runtime
     from agent.cli import main
 
+    trace = os.environ.get(TRACE_ENV)
+    if trace:
+        trace_allocations(trace)
     interval = os.environ.get(PURGE_ENV)
     if interval:
         # Read by Agent._scheduler_ctx when it adds the job, i.e. after this assignment.
         agent.runtime.PURGE_INTERVAL_S = float(interval)  # type: ignore[assignment]
     return int(main(list(argv)) or 0)
+
+
+def trace_allocations(prefix: str) -> None:
+    """Trace allocations made from now on; dump a snapshot every ``TRACE_EVERY_S`` seconds.
+
+    Started after the agent's imports, so the snapshots hold what the running agent
+    allocates. Compare two with ``Snapshot.load(b).compare_to(Snapshot.load(a), "lineno")``.
+    Tracing slows the agent and inflates its RSS: a traced run's RSS figures mean nothing.
+    """
+    import threading
+    import tracemalloc
+
+    tracemalloc.start(12)
+    started = time.monotonic()
+
+    def dump() -> None:
+        while True:
+            time.sleep(TRACE_EVERY_S)
+            age = int(time.monotonic() - started)
+            tracemalloc.take_snapshot().dump(f"{prefix}.{age:05d}")
+
+    threading.Thread(target=dump, name="soak-tracemalloc", daemon=True).start()
 
 
 if __name__ == "__main__":
