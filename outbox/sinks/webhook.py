@@ -132,14 +132,7 @@ class WebhookSink:
         if self.settings.signing_secret:
             headers["Tillsync-Signature"] = signature(self.settings.signing_secret,
                                                       int(self._clock()), body)
-        session = self._session or await self._open()
-        try:  # the request inline, as in ``_request``: this runs once per delivery
-            async with session.request("POST", self._url, data=body, headers=headers,
-                                       allow_redirects=False) as resp:
-                excerpt = await resp.content.read(BODY_EXCERPT_BYTES)
-                return Answered(resp.status, resp.headers, excerpt.decode("utf-8", "replace"))
-        except Exception as err:
-            return self._no_answer(err)
+        return await self._request("POST", self._url, data=body, headers=headers)
 
     async def lookup(self, delivery: Delivery) -> bool | None:
         """GET ``lookup_url`` for the key: 2xx → took effect, 404 → did not, else unknown."""
