@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -147,12 +147,17 @@ def stream_heads(raw: Raw, sink: str) -> list[tuple[Any, ...]]:
         {"sink": sink})]
 
 
+def in_chunks(values: Sequence[T]) -> Iterator[tuple[list[T], str]]:
+    """Split ``values`` for ``IN (...)`` lists: (chunk, its "?,?,..." marks), IN_CHUNK each."""
+    for i in range(0, len(values), IN_CHUNK):
+        chunk = list(values[i:i + IN_CHUNK])
+        yield chunk, ",".join("?" * len(chunk))
+
+
 def release(raw: Raw, ids: Sequence[int]) -> int:
     """Drop the payloads and delivery rows of these events; return bytes freed."""
     freed = 0
-    for i in range(0, len(ids), IN_CHUNK):
-        chunk = list(ids[i:i + IN_CHUNK])
-        marks = ",".join("?" * len(chunk))
+    for chunk, marks in in_chunks(ids):
         (size,) = fetchone(raw, f"SELECT TOTAL(size) FROM events WHERE id IN ({marks})", chunk)
         freed += int(size)
         raw.execute(f"UPDATE events SET sealed = NULL, size = 0 WHERE id IN ({marks})", chunk)
