@@ -20,7 +20,7 @@ from outbox import (
     Verdict,
     schema,
 )
-from outbox.db import hop
+from outbox.db import IN_CHUNK, hop, in_chunks
 from tests.outbox.conftest import Clock, OpenStore, event
 
 
@@ -531,3 +531,14 @@ async def test_an_internal_error_fails_its_batch_but_never_kills_the_writer(
     assert (await store.append(event("T01", 2))).created
     await settle(store, d.event_id, Verdict.DELIVERED)
     assert (await store.stats()).sinks["cloud"].pending == 1
+
+
+def test_in_chunks_splits_at_the_bound_and_marks_each_chunk() -> None:
+    """GIVEN more ids than one IN list takes WHEN chunked THEN every id once, in order, each
+    chunk at most IN_CHUNK long with one "?" per id."""
+    ids = list(range(2 * IN_CHUNK + 1))
+    chunks = list(in_chunks(ids))
+    assert [len(c) for c, _ in chunks] == [IN_CHUNK, IN_CHUNK, 1]
+    assert [i for c, _ in chunks for i in c] == ids
+    assert all(marks == ",".join("?" * len(c)) for c, marks in chunks)
+    assert list(in_chunks([])) == []
