@@ -12,12 +12,14 @@ import asyncio
 import signal
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from conftest import STATUS_TOKEN, TOKENS, printer_entry, write_config
 from test_daemon import tillsync_run
+from test_devices import until
 
 from agent.config import load_config
 from drivers.emulators.escpos_printer import DrawerPulse, EscposPrinterEmulator
@@ -51,6 +53,12 @@ async def open_drawer(http: aiohttp.ClientSession, base: str) -> tuple[int, Any]
 async def kill(proc: asyncio.subprocess.Process) -> None:
     proc.send_signal(signal.SIGKILL)
     assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
+
+
+def pulsed(printer: EscposPrinterEmulator) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return bool(printer.pulses)
+    return check
 
 
 def stored_events(config_path: Path) -> int:
@@ -96,6 +104,9 @@ async def test_an_opened_drawer_is_not_opened_again_after_a_sigkill_and_restart(
         async with tillsync_run(config) as (proc, base):
             await until_state(http, base, "connected")
             assert await open_drawer(http, base) == (200, {"status": "opened"})
+            # 200 means the pulse was handed to the printer's socket; the emulator, in this
+            # process, may read it just after the answer arrives.
+            await until(pulsed(printer))
             assert printer.pulses == once
             await kill(proc)
         assert printer.received.count(ESC_P) == 1
