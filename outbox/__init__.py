@@ -66,9 +66,14 @@ One connection, owned by one writer task, does every write and every checkpoint.
 to 3.51.2, including Debian 12's 3.40.1, can lose commits when several connections write or
 checkpoint concurrently: the WAL-reset bug.) Callers queue operations; the writer takes all
 that are waiting, runs them in one ``BEGIN IMMEDIATE`` transaction and answers each caller
-only after the single ``COMMIT`` (one fsync) returns. The whole transaction runs as one
-function on the connection's thread (``outbox.transactions``), one round trip per batch
-rather than one per statement. An I/O error is fatal for the handle:
+only after the single ``COMMIT`` (one fsync) returns. The transaction bodies are plain
+functions (``outbox.transactions``). A batch of appends and relay rounds runs its statements
+on the event loop's thread and only the COMMIT on the connection's thread: statements run
+from a second thread had to win the GIL back from the busy loop after every SQLite step,
+and those waits, not the fsync, set the pace of ingest and delivery. Work that may touch
+many rows (purge, requeue, listings) runs whole on the connection's thread, one round trip
+per batch. Either way one batch at a time touches the handle. An I/O error is fatal for the
+handle:
 the batch fails with ``OutboxUnavailable``, the connection is dropped and the next batch
 reopens from disk (never "retry the fsync"). ``SQLITE_FULL`` fails the appends of the batch
 with ``OutboxFull`` and retries the rest. Those need write room too (WAL frames), so when it

@@ -1,12 +1,14 @@
 """SQLite plumbing for the outbox: the connection, one-hop execution, migrations, queries.
 
-The writer connection is an ``aiosqlite`` connection, so SQLite runs in its own thread and
-never blocks the event loop. Its public API costs one thread round trip per statement
-(about 80 µs here, more than the fsync), and a transaction takes half a dozen statements.
-So the store runs each whole transaction as one plain function on that thread (``hop``):
-one round trip per group commit. Everything below except ``connect`` and ``hop`` is that
-synchronous side, and runs only on the writer's thread (or, for the quick_check at open, on
-a read-only connection).
+The writer connection is an ``aiosqlite`` connection: SQLite gets its own thread, and the
+slow calls (the fsync of COMMIT, checkpoints, scans) never block the event loop. Its
+public API costs one thread round trip per statement (about 80 µs here, more than the
+fsync), and a transaction takes half a dozen statements. So the store runs a whole
+transaction as one plain function on that thread (``hop``), or, for the hot path, runs the
+statements on the loop's thread and hops only for the COMMIT (``raw_of`` and ``commit``;
+the reason is in ``Outbox._commit_batch``). Either way one batch at a time touches the
+handle. Everything below except ``connect`` and ``hop`` is that synchronous side (or, for
+the quick_check at open, runs on a read-only connection).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ IN_CHUNK = 500
 
 async def connect(path: Path, durability: Durability, max_db_bytes: int | None) -> Conn:
     """Open the writer connection: WAL, the durability's synchronous, bounded WAL."""
-    conn = await aiosqlite.connect(path, isolation_level=None)
+    # check_same_thread off: the writer runs hot-path statements on the loop's thread and
+    # the COMMIT on this connection's thread, one after the other, never at once.
+    conn = await aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
     try:
         await hop(conn, lambda raw: _configure(raw, path, durability, max_db_bytes))
     except BaseException:
@@ -87,9 +91,20 @@ async def hop(conn: Conn, fn: Callable[[Raw], T]) -> T:
     through (``pyproject.toml`` pins the versions it is tested with; ``test_store`` fails
     loudly if it changes). ``fn`` must not touch the event loop.
     """
-    raw = conn._conn  # raises ValueError once closed
+    raw = raw_of(conn)
     run: Callable[..., Awaitable[T]] = conn._execute  # untyped upstream
     return await run(fn, raw)
+
+
+def raw_of(conn: Conn) -> Raw:
+    """Return the ``sqlite3`` handle under ``conn`` (``ValueError`` once it is closed)."""
+    raw: Raw = conn._conn  # aiosqlite's handle; see ``hop``
+    return raw
+
+
+def commit(raw: Raw) -> None:
+    """COMMIT the open transaction: with ``synchronous=FULL``, the fsync that makes it durable."""
+    raw.execute("COMMIT")
 
 
 def quick_check(raw: Raw) -> list[str]:

@@ -21,6 +21,7 @@ from outbox import schema
 from outbox.crypto import MAX_ENCRYPTIONS_PER_KEY, KeyRing, error_aad, event_aad
 from outbox.db import (
     Raw,
+    commit,
     fetchall,
     fetchone,
     fetchone_or_none,
@@ -69,14 +70,21 @@ _Known = tuple[int, bytes, str, tuple[str, ...], float]
 class Work:
     """One queued non-append operation: ``fn(raw)``, in a savepoint when ``isolated``.
 
-    ``on_commit(outcome)`` runs on the writer's thread right after the COMMIT that made
-    ``fn``'s changes durable: in-memory state (the key ring, the ledger) follows the disk,
-    never leads it, and never races the next batch.
+    ``on_commit(outcome)`` runs right after the COMMIT that made ``fn``'s changes durable,
+    before the next batch starts: in-memory state (the key ring, the ledger) follows the
+    disk, never leads it, and never races the next batch.
+
+    ``brief`` marks work that touches a bounded handful of rows (a relay round, a stats
+    read): a batch made only of appends and brief work runs its statements on the event
+    loop's thread (see ``Outbox._commit_batch``). Anything that may scan or rewrite many
+    rows (purge, requeue, key retirement, listings) leaves it False and runs on the
+    connection's thread, so it never holds up the loop.
     """
 
     fn: Callable[[Raw], Any]
     isolated: bool = True
     on_commit: Callable[[Any], None] | None = None
+    brief: bool = False
 
 
 @dataclass
@@ -94,6 +102,15 @@ class AppendPlan:
 class BatchResult:
     """A committed batch: an outcome per ``Work`` (a value or the exception it raised)."""
 
+    outcomes: list[Any]
+    plan: AppendPlan
+
+
+@dataclass
+class Staged:
+    """A batch whose statements have run inside its open transaction; its COMMIT is owed."""
+
+    work: Sequence[Work]
     outcomes: list[Any]
     plan: AppendPlan
 
@@ -159,7 +176,22 @@ class Transactions:
 
         A ``sqlite3.Error`` rolls the whole batch back and propagates (the caller decides:
         full disk or broken handle); an exception from one isolated ``Work`` is rolled back
-        to its savepoint and becomes that work's outcome.
+        to its savepoint and becomes that work's outcome. The same three steps as below, all
+        on the calling thread.
+        """
+        staged = self.stage(raw, work, appends)
+        try:
+            commit(raw)
+        except BaseException as err:
+            self.abandon(raw, err)
+            raise
+        return self.committed(staged)
+
+    def stage(self, raw: Raw, work: Sequence[Work],
+              appends: Sequence[Sequence[NewEvent]]) -> Staged:
+        """BEGIN and run the batch's statements; the caller then runs ``commit(raw)``.
+
+        On any error the transaction is rolled back (``abandon``) before this raises.
         """
         if raw is self._broken:
             # A batch queued behind one that hit an I/O error: never write on that handle.
@@ -174,21 +206,29 @@ class Transactions:
             for item in work:
                 outcomes.append(self._run_work(raw, item))
             plan = self._append(raw, appends) if appends else AppendPlan()
-            raw.execute("COMMIT")
         except BaseException as err:
-            rollback(raw)
-            self.heads.forget()  # it may hold changes that were just rolled back
-            if isinstance(err, sqlite3.Error) and not is_full(err):
-                self._broken = raw
+            self.abandon(raw, err)
             raise
+        return Staged(work, outcomes, plan)
+
+    def abandon(self, raw: Raw, err: BaseException) -> None:
+        """Undo a batch that failed before or at its COMMIT; forget what it changed."""
+        rollback(raw)
+        self.heads.forget()  # it may hold changes that were just rolled back
+        if isinstance(err, sqlite3.Error) and not is_full(err):
+            self._broken = raw
+
+    def committed(self, staged: Staged) -> BatchResult:
+        """Bring in-memory state level with a batch whose COMMIT succeeded."""
+        plan = staged.plan
         self.recovery_owed = False
         self.live_bytes += plan.added_bytes - plan.freed_bytes
         active = self.keyring.active_id
         self.key_uses[active] = self.key_uses.get(active, 0) + plan.sealed
-        for item, outcome in zip(work, outcomes, strict=True):
+        for item, outcome in zip(staged.work, staged.outcomes, strict=True):
             if item.on_commit is not None and not isinstance(outcome, Exception):
                 item.on_commit(outcome)
-        return BatchResult(outcomes, plan)
+        return BatchResult(staged.outcomes, plan)
 
     @staticmethod
     def _put_back_interrupted(raw: Raw) -> None:
