@@ -620,11 +620,12 @@ class Transactions:
 
     def quarantine(self, raw: Raw, event_ids: list[int]) -> None:
         """Park events whose payload failed authentication; they are never sent."""
-        marks = ",".join("?" * len(event_ids))
-        raw.execute(f"UPDATE events SET quarantined = 1 WHERE id IN ({marks})", event_ids)
-        raw.execute(
-            "UPDATE deliveries SET state = 'quarantined', updated_at = ? WHERE event_id IN"
-            f" ({marks}) AND state != 'delivered'", [self.clock(), *event_ids])
+        now = self.clock()
+        for chunk, marks in in_chunks(event_ids):
+            raw.execute(f"UPDATE events SET quarantined = 1 WHERE id IN ({marks})", chunk)
+            raw.execute(
+                "UPDATE deliveries SET state = 'quarantined', updated_at = ? WHERE event_id IN"
+                f" ({marks}) AND state != 'delivered'", [now, *chunk])
         self.heads.forget()  # rare: rebuilt on next use
         for event_id in event_ids:
             log.error("outbox: event %d failed authentication; quarantined, will not be sent",
