@@ -507,7 +507,7 @@ def _decode_payload(payload: bytes | None) -> Any:
 
 def _event_id(request: web.Request) -> int:
     raw = request.match_info["event_id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "¹" is a digit to str
         raise ApiError(404, "not_found", f"no event {raw!r}")
     return int(raw)
 

@@ -307,7 +307,7 @@ def _last_event_id(request: web.Request) -> int | None:
         return None
     raw = raw.strip()
     # An id this hub never issued (another format) means "from now on", not an error.
-    return int(raw) if raw.isdigit() and len(raw) <= 18 else None
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
 
 
 async def events_stream(request: web.Request) -> web.StreamResponse:

@@ -258,7 +258,7 @@ def format_hri(elements: Mapping[str, str]) -> str:
 def ai_decimal(ai: str, value: str) -> Decimal:
     """Return the value of a measure AI (310n, 392n, …) with its implied decimal point."""
     spec = AI_TABLE.get(ai)
-    if spec is None or not spec.decimals or not value.isdigit():
+    if spec is None or not spec.decimals or not (value.isascii() and value.isdigit()):
         raise GS1Error(f"AI ({ai}) is not a decimal measure")
     digits = value[3:] if ai[:3] in ("391", "393") else value  # those start with an ISO 4217 code
     return Decimal(digits).scaleb(-int(ai[3]))

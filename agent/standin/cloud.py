@@ -300,7 +300,7 @@ def _retry_after_text(value: str | float | None) -> str | None:
 def _retry_after_deadline(value: str, now: float) -> float | None:
     """Turn a Retry-After value into an absolute time; None when malformed (not enforceable)."""
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return now + int(text)
     try:
         when = parsedate_to_datetime(text)

@@ -199,6 +199,18 @@ async def test_unknown_paths_and_methods_answer_json_errors(start_agent: StartAg
         assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
 
 
+async def test_an_event_id_of_non_ascii_digits_is_404_not_a_crash(start_agent: StartAgent):
+    """GIVEN ids that str.isdigit() calls digits but int() refuses ("¹") or reads as a number
+    ("٣") WHEN shown or retried THEN 404 not_found, as for any id never issued (Hypothesis
+    found the "¹" as a 500)."""
+    agent = await start_agent()
+    for raw in ("%C2%B9", "%D9%A3"):
+        code, body = await agent.get(f"/v1/outbox/{raw}")
+        assert code == 404 and body["error"]["code"] == "not_found", body
+        code, body = await agent.post(f"/v1/outbox/{raw}/retry", b"", who="status")
+        assert code == 404 and body["error"]["code"] == "not_found", body
+
+
 # -- status, admin, documents ----------------------------------------------------------------
 
 

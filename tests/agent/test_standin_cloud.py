@@ -295,6 +295,18 @@ async def test_no_retry_after_violation_is_recorded_for_a_request_after_the_dead
         assert cloud.retry_after_violations == []
 
 
+async def test_a_retry_after_of_non_ascii_digits_is_answered_and_not_enforced(
+        session: aiohttp.ClientSession) -> None:
+    """A Retry-After of "¹" (a digit to str.isdigit, not to int) is malformed: the 429 goes
+    out as scripted and no deadline is held against the client."""
+    async with StandinCloud() as cloud:
+        key, body = event()
+        cloud.faults.append(Fault.status(429, retry_after="¹"))
+        assert (await post(session, cloud.url, key, body))[0] == 429
+        assert cloud.retry_after_not_before is None and cloud.retry_after_given == []
+        assert (await post(session, cloud.url, key, body))[0] == 201
+
+
 async def test_retry_after_is_enforced_in_real_time_too(
         cloud: StandinCloud, session: aiohttp.ClientSession) -> None:
     key, body = event()

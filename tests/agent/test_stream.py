@@ -452,3 +452,14 @@ def test_the_openapi_path_item_describes_the_route() -> None:
     assert set(operation["x-sse-events"]) == {"scan", "weight", "device", "dropped"}
     for schema in operation["x-sse-events"].values():
         jsonschema.Draft7Validator.check_schema(_nullable(schema))
+
+
+def test_a_last_event_id_of_non_ascii_digits_means_from_now_on() -> None:
+    """"¹" is a digit to str.isdigit but not to int: like any id never issued it means
+    "from now on", not a crash. (aiohttp's make_mocked_request builds the request: only the
+    header parsing is under test, no server is needed.)"""
+    from aiohttp.test_utils import make_mocked_request
+
+    for raw, expected in (("41", 41), ("¹", None), ("٣", None)):
+        request = make_mocked_request("GET", PATH, headers={"Last-Event-ID": raw})
+        assert stream._last_event_id(request) == expected

@@ -111,6 +111,8 @@ def test_measure_ais_carry_their_decimal_point_in_the_fourth_digit():
     assert ai_decimal("3103", "001250") == Decimal("1.250")
     assert ai_decimal("3922", "1999") == Decimal("19.99")
     assert ai_decimal("3932", "9781999") == Decimal("19.99")  # ISO 4217 978 then the price
+    with pytest.raises(GS1Error):
+        ai_decimal("3103", "00125¹")  # a digit to str.isdigit, not to Decimal
 
 
 _VALUE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!%&()*+,-./:;<=>?_"
