@@ -91,8 +91,12 @@ def component(name: str) -> dict[str, Any]:
 def agent_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("fuzz")
     config = write_config(root)
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
-                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    log_path = root / "agent.log"
+    # A file, not a pipe: nobody reads a pipe while the fuzzing runs, and once 64 KiB of log
+    # filled it (a burst of logged 500s did) the agent would stop answering.
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
+                                 str(config)], cwd=REPO, stderr=log)
     url = f"http://127.0.0.1:{load_config(config).api.port}"
     try:
         for _ in range(200):
@@ -106,7 +110,8 @@ def agent_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         assert request(url, "GET", "/healthz", who=None)[0] == 200
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        err = log_path.read_text(errors="replace")
         assert proc.returncode == 0
         for token in (STATUS_TOKEN, *TOKENS.values()):
             assert token not in err  # secrets are never logged

@@ -29,11 +29,16 @@ REPO = Path(__file__).resolve().parents[2]
 @asynccontextmanager
 async def tillsync_run(config: Path, env: dict[str, str] | None = None,
                        ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """Start ``python -m agent run --config``; yield (process, base URL) once ready."""
+    """Start ``python -m agent run --config``; yield (process, base URL) once ready.
+
+    The agent's log goes to ``agent.log`` beside the config, appended run after run: a pipe
+    nobody reads would stop the agent once 64 KiB of log filled it.
+    """
     port = load_config(config).api.port
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "run", "--config", str(config), cwd=REPO,
-        env={**os.environ, **(env or {})}, stderr=asyncio.subprocess.PIPE)
+    with open(config.parent / "agent.log", "ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", "run", "--config", str(config), cwd=REPO,
+            env={**os.environ, **(env or {})}, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_until_ready(base, failed=lambda: None if proc.returncode is None
