@@ -34,7 +34,7 @@ from drivers.base import DeviceError, load_drivers
 from outbox import schema
 from outbox.crypto import KeyRing, load_key_file
 from outbox.errors import KeyFileError, OutboxCorrupt
-from outbox.sinks.webhook import USER_AGENT
+from outbox.sinks.webhook import USER_AGENT, tls_context
 
 Level = Literal["ok", "warn", "FAIL", "skip"]
 LEVEL_STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "skip": "dim"}
@@ -259,7 +259,7 @@ async def probe_sink(name: str, url: str, ca_bundle: Path | str | None, *,
     shown = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}" \
             f"{parts.path}"
     try:
-        context = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
+        context = tls_context(str(ca_bundle) if ca_bundle else None)
     except (OSError, ssl.SSLError) as err:
         return SinkProbe(Check("FAIL", label, f"{shown}: ca_bundle {ca_bundle} cannot be used"
                                f" ({getattr(err, 'strerror', None) or err}) — fix the path"))

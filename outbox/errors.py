@@ -6,6 +6,7 @@
 | ``DedupeConflict``   | tell the client its id is taken by different content (409)     |
 | ``OutboxUnavailable``| refuse for now (503); the writer reopens the database itself   |
 | ``KeyFileError``     | stop: an operator must fix the key file (config error)         |
+| ``SinkSetupError``   | stop: an operator must fix the sink's settings (config error)   |
 | ``OutboxCorrupt``    | stop: the database failed its check; restore or investigate    |
 | ``SchemaTooNew``     | stop: the database was written by a newer tillsync             |
 
@@ -89,6 +90,12 @@ class KeyFileInvalid(KeyFileError):
 
 class KeyMismatch(KeyFileError):
     """The key file is not the key this database was written with."""
+
+
+class SinkSetupError(OutboxError):
+    """A sink cannot start with its settings, e.g. an unreadable ``ca_bundle``."""
+
+    hint = "fix the sink's settings in the config file, then start the agent again"
 
 
 class RecordTampered(OutboxError):

@@ -12,8 +12,8 @@ byte-identical body: a server that remembers the key can always match it.
 
 Headers: ``Content-Type``, ``Idempotency-Key``, ``User-Agent``, ``Authorization: Bearer``
 when a token is set, and ``Tillsync-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret,
-"<t>.<body>")>`` when a signing secret is set. TLS is verified (optionally against a custom
-CA bundle); redirects are not followed.
+"<t>.<body>")>`` when a signing secret is set. TLS is always verified, against the system's
+CAs plus those of ``ca_bundle`` when one is set; redirects are not followed.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import aiohttp
 from yarl import URL
 
 from outbox.classify import Answered, AttemptResult, NoAnswer, Unsendable
+from outbox.errors import SinkSetupError
 from outbox.models import Delivery
 from outbox.sinks.base import SinkPolicy
 from outbox.version import package_version
@@ -47,6 +48,23 @@ CONNECT_TIMEOUT_S = 5.0
 USER_AGENT = f"tillsync/{package_version()}"
 
 
+def tls_context(ca_bundle: str | None) -> ssl.SSLContext | bool:
+    """Return what a sink's connector verifies TLS with: the system's CAs, plus the bundle's.
+
+    Without a bundle this is ``True``: aiohttp's own verified default context, built once
+    when aiohttp is imported; another would hold a second parsed copy of the system's CA
+    store (0.7 MB, measured alone). Raises ``OSError`` or ``ssl.SSLError`` for a bundle that
+    cannot be read or parsed.
+    """
+    if ca_bundle is None:
+        return True
+    # ssl.create_default_context(cafile=...) would trust the bundle *instead of* the system's
+    # CAs; config documents it as extra CAs, so both are loaded.
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookSettings:
     """Where and how to POST."""
@@ -55,7 +73,7 @@ class WebhookSettings:
     token: str | None = None
     signing_secret: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
-    ca_bundle: str | None = None  # PEM file of extra CAs; system CAs otherwise
+    ca_bundle: str | None = None  # PEM file of CAs trusted besides the system's
     lookup_url: str | None = None  # e.g. "https://api.example.com/events/{idempotency_key}"
 
 
@@ -104,8 +122,13 @@ class WebhookSink:
         """Open the pooled session (one per sink, at most ``concurrency`` connections)."""
         if self._session is not None:
             return
-        context = ssl.create_default_context(cafile=self.settings.ca_bundle)
-        connector = aiohttp.TCPConnector(limit=self.policy.concurrency, ssl=context)
+        try:
+            verify = tls_context(self.settings.ca_bundle)
+        except (OSError, ssl.SSLError) as err:
+            reason = getattr(err, "strerror", None) or getattr(err, "reason", None) or err
+            raise SinkSetupError(f"sink {self.name}: ca_bundle {self.settings.ca_bundle}"
+                                 f" cannot be used as CA certificates ({reason})") from err
+        connector = aiohttp.TCPConnector(limit=self.policy.concurrency, ssl=verify)
         # The connect timeout must fire before the total one: when both are equal the total
         # one wins, and a host that never answered a SYN was reported "maybe sent" (in
         # doubt, backing off) instead of unreachable (offline, one probe at a time).

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import io
-import ipaddress
 import os
 import re
 import ssl
@@ -17,16 +15,13 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from rich.console import Console
 from test_operator import Setup, free_port, make_setup, post_sale, running
 
 from agent.checks import run_checks
 from agent.config import load_config
 from agent.standin.cloud import StandinCloud
+from tests.tlscerts import self_signed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -243,27 +238,6 @@ async def test_a_sink_whose_host_does_not_resolve_fails(setup: Setup) -> None:
 
 
 # -- TLS and clock ------------------------------------------------------------------------
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tillsync test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 async def serve_once(handler: Handler, ssl_context: ssl.SSLContext | None = None,
