@@ -10,10 +10,10 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import STATUS_TOKEN, StartAgent, sale
 
 from agent.api import openapi_document
 from agent.standin.cloud import StandinCloud
+from tests.agent.conftest import STATUS_TOKEN, StartAgent, sale
 
 OPENAPI = json.loads(openapi_document())
 

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import STATUS_TOKEN, TOKENS, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.api import openapi_document
 from agent.config import load_config
+from tests.agent.conftest import STATUS_TOKEN, TOKENS, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = int(os.environ.get("TILLSYNC_FUZZ_EXAMPLES", "60"))

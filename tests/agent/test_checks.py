@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from rich.console import Console
-from test_operator import Setup, free_port, make_setup, post_sale, running
 
 from agent.checks import run_checks
 from agent.config import load_config
 from agent.standin.cloud import StandinCloud
+from tests.agent.test_operator import Setup, free_port, make_setup, post_sale, running
 from tests.tlscerts import self_signed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

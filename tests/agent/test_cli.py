@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import write_config
+from tests.agent.conftest import write_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import STATUS_TOKEN, TOKENS, sale, write_config
 
 from agent.config import load_config
 from agent.readiness import wait_until_ready
 from agent.standin.cloud import StandinCloud
 from outbox import Outbox
+from tests.agent.conftest import STATUS_TOKEN, TOKENS, sale, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 

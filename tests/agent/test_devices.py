@@ -10,20 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from conftest import FAST_DEVICE, RunningAgent, StartAgent, printer_entry
 
 from agent.api import openapi_document
 from drivers.emulators.escpos_printer import DrawerPulse, EscposPrinterEmulator
 from drivers.emulators.scale import MettlerToledo8217ScaleEmulator
 from drivers.escpos.printer import EscposPrinterDriver
 from drivers.scale import MettlerToledo8217ScaleDriver
+from tests.agent.conftest import FAST_DEVICE, RunningAgent, StartAgent, printer_entry
+from tests.polling import until
 
 DRIVERS = {"escpos": EscposPrinterDriver, "toledo8217": MettlerToledo8217ScaleDriver}
 OPENAPI = json.loads(openapi_document())
@@ -57,15 +57,6 @@ async def device(agent: RunningAgent, name: str = "receipt") -> dict[str, Any]:
     status = await agent.status()
     [found] = [d for d in status["devices"] if d["name"] == name]
     return dict(found)
-
-
-async def until(check: Callable[[], Any], timeout_s: float = 5.0) -> float:
-    """Await ``check()`` until it is true; return how long it took."""
-    start = time.monotonic()
-    while not await check():
-        assert time.monotonic() - start < timeout_s, "condition not reached in time"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def state_is(agent: RunningAgent, state: str, name: str = "receipt") -> Callable[[], Any]:

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import STATUS_TOKEN, TOKENS, printer_entry, write_config
-from test_daemon import tillsync_run
-from test_devices import until
 
 from agent.config import load_config
 from drivers.emulators.escpos_printer import DrawerPulse, EscposPrinterEmulator
+from tests.agent.conftest import STATUS_TOKEN, TOKENS, printer_entry, write_config
+from tests.agent.test_daemon import tillsync_run
+from tests.polling import until
 
 ESC_P = b"\x1bp"  # the drawer pulse command, whatever its parameters
 

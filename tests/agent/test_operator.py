@@ -9,13 +9,12 @@ import json
 import re
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import conftest
 import pytest
 from rich.console import Console
 
@@ -33,6 +32,8 @@ from agent.operator import (
 from agent.readiness import wait_until_ready
 from agent.runtime import serve
 from agent.standin.cloud import Fault, StandinCloud
+from tests.agent import conftest
+from tests.polling import until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,14 +116,6 @@ async def agent_status(setup: Setup) -> dict[str, Any]:
         return dict(await resp.json())
 
 
-async def eventually(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
 async def make_dead(setup: Setup, cloud: StandinCloud, seq: int) -> str:
     """Post a sale the cloud refuses with 400: its delivery is dead-lettered."""
     before = (await agent_status(setup))["outbox"]["dead"]
@@ -132,7 +125,7 @@ async def make_dead(setup: Setup, cloud: StandinCloud, seq: int) -> str:
     async def dead() -> bool:
         return bool((await agent_status(setup))["outbox"]["dead"] == before + 1)
 
-    await eventually(dead)
+    await until(dead, 10.0)
     return event_id
 
 
@@ -215,7 +208,7 @@ async def test_a_degraded_agent_exits_zero_and_the_table_lists_the_reasons(
         async def paused() -> bool:
             return bool((await agent_status(setup))["sinks"][0]["state"] == "paused")
 
-        await eventually(paused)
+        await until(paused, 10.0)
         con, out = console()
         assert await status_command(setup.url, setup.status_token, as_json=False,
                                     console=con) == 0

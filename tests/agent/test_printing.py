@@ -16,7 +16,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import RunningAgent, StartAgent, printer_entry, sale
 
 from agent.api import openapi_document
 from agent.printing import PrinterSink, job_payload, read_job, render_lines
@@ -28,18 +27,13 @@ from drivers.escpos.receipt import render_receipt
 from outbox.classify import Action, classify
 from outbox.models import Delivery
 from outbox.relay import EXPIRED
+from tests.agent.conftest import RunningAgent, StartAgent, printer_entry, sale
+from tests.polling import until
 
 DRIVERS = {"escpos": EscposPrinterDriver}
 OPENAPI = json.loads(openapi_document())
 
 
-
-
-async def until(check: Callable[[], Any], timeout_s: float = 8.0) -> None:
-    start = time.monotonic()
-    while not await check():
-        assert time.monotonic() - start < timeout_s, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def printer_is(agent: RunningAgent, state: str) -> Callable[[], Any]:
@@ -69,7 +63,7 @@ async def start(start_agent: StartAgent, printer: EscposPrinterEmulator, *,
                 cloud: StandinCloud | None = None, extra: str = "") -> RunningAgent:
     agent = await start_agent(drivers=DRIVERS, sink_url=cloud.url if cloud else None,
                               extra=printer_entry(printer, extra=extra))
-    await until(printer_is(agent, "connected"))
+    await until(printer_is(agent, "connected"), 8.0)
     return agent
 
 
@@ -90,7 +84,7 @@ async def test_the_receipt_of_a_posted_transaction_prints_exactly_as_rendered(
     assert printer.jobs[0].data == render_receipt(txn, width_mm=80, store_name="store-042")
     record = await event(agent, body["event_id"])
     assert record["kind"] == "print_job" and record["stream"] == "receipt"
-    await until(lambda: _state_is(agent, body["event_id"], "delivered"))
+    await until(lambda: _state_is(agent, body["event_id"], "delivered"), 8.0)
     sinks = {s["name"]: s for s in (await agent.status())["sinks"]}
     assert sinks["printer:receipt"]["state"] == "online"
     assert sinks["printer:receipt"]["pending"] == 0
@@ -143,7 +137,7 @@ async def test_paper_out_mid_queue_loses_no_job_and_prints_each_once_in_order(
     assert code == 202
     await printer.wait_for_jobs(1)
     printer.paper_out = True
-    await until(printer_is(agent, "error"))
+    await until(printer_is(agent, "error"), 8.0)
     for n in range(1, 5):
         code, _ = await print_job(agent, lines=[f"job {n}"], who="T01" if n % 2 else "T02")
         assert code == 202
@@ -165,7 +159,7 @@ async def test_a_job_whose_expiry_passes_while_out_of_paper_never_prints(
         start_agent: StartAgent, printer: EscposPrinterEmulator) -> None:
     agent = await start(start_agent, printer)
     printer.paper_out = True
-    await until(printer_is(agent, "error"))
+    await until(printer_is(agent, "error"), 8.0)
     code, short = await print_job(agent, lines=["stale"], expires_in_s=1)
     assert code == 202
     code, _ = await print_job(agent, lines=["fresh"])

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 import aiohttp
-from conftest import STATUS_TOKEN, StartAgent, free_port, sale
+
+from tests.agent.conftest import STATUS_TOKEN, StartAgent, free_port, sale
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import TOKENS, sale, write_config
 
 from agent.config import load_config
 from agent.runtime import Agent
 from agent.sdnotify import Notifier
 from agent.standin.cloud import StandinCloud
+from tests.agent.conftest import TOKENS, sale, write_config
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ import aiohttp
 import jsonschema
 import pytest
 from aiohttp import web
-from conftest import FAST_DEVICE, TOKENS, RunningAgent, StartAgent
 
 import agent.api
 import agent.runtime
@@ -36,6 +35,8 @@ from drivers.emulators.scanner import ScannerEmulator
 from drivers.manager import DeviceManager
 from drivers.scale import MettlerToledo8217ScaleDriver
 from drivers.scanner import SerialScannerDriver
+from tests.agent.conftest import FAST_DEVICE, TOKENS, RunningAgent, StartAgent
+from tests.polling import until
 
 DRIVERS = {"scanner": SerialScannerDriver, "toledo8217": MettlerToledo8217ScaleDriver}
 EAN = ["4006381333931", "5901234123457", "9780306406157"]  # valid check digits
@@ -81,13 +82,6 @@ def scale(tmp_path: Path) -> Iterator[MettlerToledo8217ScaleEmulator]:
 
 def entry(name: str, type_: str, url: str) -> str:
     return f'[[devices]]\nname = "{name}"\ntype = "{type_}"\nurl = "{url}"\n{FAST_DEVICE}\n'
-
-
-async def until(check: Callable[[], Any], timeout_s: float = 5.0) -> None:
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout_s, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def device_state(agent_: RunningAgent, name: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -24,6 +25,7 @@ from drivers.base import (
     DeviceUnavailable,
 )
 from drivers.manager import NOT_CHECKED, DeviceChange, DeviceManager, UnknownDevice
+from tests import polling
 
 
 @dataclass
@@ -126,13 +128,9 @@ def add(m: DeviceManager, world: dict[str, FakeDevice], name: str = "receipt",
     return device
 
 
-async def until(predicate, timeout_s: float = 3.0) -> float:
-    """Wait until ``predicate()`` holds; return how long it took."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout_s, "condition not reached in time"
-        await asyncio.sleep(0.005)
-    return time.monotonic() - start
+async def until(predicate: Callable[[], bool], timeout_s: float = 3.0) -> float:
+    """``tests.polling.until`` every 5 ms: some tests time reconnects to tens of ms."""
+    return await polling.until(predicate, timeout_s, interval_s=0.005)
 
 
 def state(m: DeviceManager, name: str = "receipt") -> DeviceState:

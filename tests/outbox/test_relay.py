@@ -18,6 +18,7 @@ from outbox.models import Delivery
 from outbox.relay import Relay, SinkState
 from outbox.sinks import SinkPolicy, WebhookSettings, WebhookSink
 from tests.outbox.conftest import OpenStore
+from tests.polling import until
 
 FAST = SinkPolicy(backoff_base_s=0.01, backoff_cap_s=0.05, pause_recheck_s=0.2)
 
@@ -65,14 +66,6 @@ async def running() -> AsyncIterator[Running]:
         await relay.stop(grace_s=1)
 
 
-async def wait_until(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.01)
-
-
 async def drained(store: Outbox, sink: str = "cloud", timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -106,7 +99,7 @@ async def test_retry_after_holds_the_sink_so_no_request_arrives_early(
         await store.append(sale("T01", seq))
     started = time.monotonic()
     relay = await running.start(store, cloud.url)
-    await wait_until(lambda: relay.state is SinkState.BACKING_OFF, 5)
+    await until(lambda: relay.state is SinkState.BACKING_OFF, 5)
     assert relay.status().next_attempt_at is not None
     await drained(store)
     assert cloud.retry_after_violations == []
@@ -138,9 +131,9 @@ async def test_a_retry_after_outlives_a_relay_restart(store: Outbox, cloud, runn
     for terminal in ("T01", "T02", "T03"):
         await store.append(sale(terminal, 1))
     first = await running.start(store, cloud.url, policy=SinkPolicy(concurrency=1))
-    await wait_until(lambda: first.state is SinkState.BACKING_OFF, 5)
+    await until(lambda: first.state is SinkState.BACKING_OFF, 5)
     answered_at = cloud.requests[0].at
-    await wait_until(lambda: any(r.outcome == "fault" for r in cloud.requests), 5)
+    await until(lambda: any(r.outcome == "fault" for r in cloud.requests), 5)
     await first.stop(grace_s=1)  # the verdict and the deadline are recorded at stop
     running.relays.remove(first)
     assert await store.sink_hold("cloud") == pytest.approx(answered_at + 2, abs=0.5)
@@ -201,13 +194,13 @@ async def test_delivery_resumes_within_15_s_after_the_port_reopens_with_defaults
     await cloud.close_port()
     await store.append(sale("T01", 1))
     relay = await running.start(store, cloud.url, policy=SinkPolicy())
-    await wait_until(lambda: relay.state is SinkState.OFFLINE, 5)
+    await until(lambda: relay.state is SinkState.OFFLINE, 5)
     await asyncio.sleep(6)  # several failed probes: the backoff has grown
     await cloud.open_port()
     reopened = time.monotonic()
     await cloud.wait_for_effects(1, timeout_s=15)
     assert time.monotonic() - reopened < 15
-    await wait_until(lambda: relay.state is SinkState.ONLINE, 2)
+    await until(lambda: relay.state is SinkState.ONLINE, 2)
 
 
 async def test_401_pauses_the_sink_without_dead_letters_and_resumes_when_accepted(
@@ -216,7 +209,7 @@ async def test_401_pauses_the_sink_without_dead_letters_and_resumes_when_accepte
     for seq in range(3):
         await store.append(sale("T01", seq))
     relay = await running.start(store, cloud.url)
-    await wait_until(lambda: relay.state is SinkState.PAUSED, 5)
+    await until(lambda: relay.state is SinkState.PAUSED, 5)
     await asyncio.sleep(0.5)
     stats = (await store.stats()).sinks["cloud"]
     assert (stats.dead, stats.pending) == (0, 3)
@@ -233,7 +226,7 @@ async def test_recheck_lifts_a_pause_at_once(store: Outbox, cloud, running):
     await store.append(sale("T01", 1))
     relay = await running.start(store, cloud.url,
                                 policy=SinkPolicy(pause_recheck_s=3600, backoff_base_s=0.01))
-    await wait_until(lambda: relay.state is SinkState.PAUSED, 5)
+    await until(lambda: relay.state is SinkState.PAUSED, 5)
     cloud.auth_failing = False
     await relay.recheck()
     await drained(store, timeout_s=5)
@@ -324,7 +317,7 @@ async def test_graceful_stop_finishes_short_attempts_and_returns_long_ones(
     relay = Relay(store, WebhookSink("cloud", WebhookSettings(url=cloud.url, timeout_s=10),
                                      FAST))
     await relay.start()
-    await wait_until(lambda: relay.status().in_flight == 2, 3)
+    await until(lambda: relay.status().in_flight == 2, 3)
     await relay.stop(grace_s=1.0)
     states = {d.event_id: d.state for d in await store.list_deliveries()}
     assert states == {1: DeliveryState.DELIVERED, 2: DeliveryState.PENDING}
@@ -336,7 +329,7 @@ async def test_state_transitions_are_logged_once_and_recovery_once(
     cloud.down_status = 503
     await store.append(sale("T01", 1))
     relay = await running.start(store, cloud.url)
-    await wait_until(lambda: relay.status().consecutive_failures >= 5, 5)
+    await until(lambda: relay.status().consecutive_failures >= 5, 5)
     cloud.down_status = None
     await drained(store)
     lines = [r.getMessage() for r in caplog.records if r.name == "outbox.relay"]
