@@ -3,7 +3,8 @@
 The soak (``test_soak.py``) runs the real ``tillsync run`` for minutes under steady load and
 a flapping cloud, and reads from outside, every few seconds, what a long-lived process leaks:
 
-* resident set (``VmRSS``) and thread count from ``/proc/<pid>/status``;
+* resident set (``VmRSS``), its anonymous part (``RssAnon``: heap, not library pages) and
+  thread count from ``/proc/<pid>/status``;
 * open file descriptors, ``len(os.listdir("/proc/<pid>/fd"))``;
 * the outbox files' sizes on disk: the database, its ``-wal`` and ``-shm``;
 * the agent's own view from ``GET /v1/status``: pending, in doubt, live payload bytes.
@@ -64,6 +65,9 @@ class Sample:
     # The longest event-loop stall of the *test* process (tills, stand-in cloud) since the
     # previous sample: the checker's timing judgements assume it stays small.
     loop_lag_ms: float = 0.0
+    # RssAnon: the heap and other private memory, without the pages of mapped libraries
+    # (which come and go with the page cache). A leak shows here.
+    rss_anon_mb: float = 0.0
 
     @property
     def outbox_bytes(self) -> int:
@@ -71,18 +75,20 @@ class Sample:
         return self.db_bytes + self.wal_bytes + self.shm_bytes
 
 
-def proc_status(pid: int) -> tuple[float, int]:
-    """(VmRSS in MB, thread count) of ``pid`` from ``/proc/<pid>/status``."""
-    rss_kb = threads = None
+def proc_status(pid: int) -> tuple[float, float, int]:
+    """(VmRSS in MB, RssAnon in MB, thread count) of ``pid`` from ``/proc/<pid>/status``."""
+    rss_kb = anon_kb = threads = None
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 rss_kb = int(line.split()[1])
+            elif line.startswith("RssAnon:"):
+                anon_kb = int(line.split()[1])
             elif line.startswith("Threads:"):
                 threads = int(line.split()[1])
-    if rss_kb is None or threads is None:
-        raise RuntimeError(f"no VmRSS/Threads for process {pid}")
-    return rss_kb * 1024 / 1e6, threads
+    if rss_kb is None or anon_kb is None or threads is None:
+        raise RuntimeError(f"no VmRSS/RssAnon/Threads for process {pid}")
+    return rss_kb * 1024 / 1e6, anon_kb * 1024 / 1e6, threads
 
 
 def open_fds(pid: int) -> int:
@@ -101,7 +107,7 @@ def file_size(path: Path) -> int:
 def read_sample(t: float, pid: int, db: Path, status: dict[str, Any], acked: int,
                 committed: int, *, status_ms: float = 0.0, loop_lag_ms: float = 0.0) -> Sample:
     """Read one ``Sample`` of process ``pid`` whose outbox is ``db``."""
-    rss, threads = proc_status(pid)
+    rss, anon, threads = proc_status(pid)
     outbox = status["outbox"]
     return Sample(
         t=round(t, 2), rss_mb=round(rss, 2), fds=open_fds(pid), threads=threads,
@@ -109,7 +115,8 @@ def read_sample(t: float, pid: int, db: Path, status: dict[str, Any], acked: int
         shm_bytes=file_size(db.with_name(db.name + "-shm")),
         pending=int(outbox["pending"]), in_doubt=int(outbox["in_doubt"]),
         live_bytes=int(outbox["bytes"] or 0), acked=acked, committed=committed,
-        status_ms=round(status_ms, 1), loop_lag_ms=round(loop_lag_ms, 1))
+        status_ms=round(status_ms, 1), loop_lag_ms=round(loop_lag_ms, 1),
+        rss_anon_mb=round(anon, 2))
 
 
 class LoopLag:
@@ -190,6 +197,7 @@ class Summary:
     rss_drained_mb: float  # after the tills stopped and the backlog drained
     rss_slope_mb_per_h: float  # least squares over the post-warm-up samples
     rss_slope_late_mb_per_h: float  # the same over the second half of them
+    anon_slope_late_mb_per_h: float  # RssAnon's, over the second half
     fds_start: int
     fds_warm_max: int
     fds_post_max: int
@@ -239,6 +247,8 @@ def analyse(load: Sequence[Sample], drained: Sample, duration_s: float) -> Summa
         rss_slope_mb_per_h=slope_per_hour([s.t for s in after], [s.rss_mb for s in after]),
         rss_slope_late_mb_per_h=slope_per_hour([s.t for s in second_half],
                                                [s.rss_mb for s in second_half]),
+        anon_slope_late_mb_per_h=slope_per_hour([s.t for s in second_half],
+                                                [s.rss_anon_mb for s in second_half]),
         fds_start=load[0].fds, fds_warm_max=max(s.fds for s in before),
         fds_post_max=max(s.fds for s in after), fds_drained=drained.fds,
         threads_warm_max=max(s.threads for s in before),
@@ -258,7 +268,8 @@ def analyse(load: Sequence[Sample], drained: Sample, duration_s: float) -> Summa
 
 # -- reporting ------------------------------------------------------------------------------
 
-TABLE = (("t s", "t", "{:.0f}"), ("RSS MB", "rss_mb", "{:.1f}"), ("fds", "fds", "{}"),
+TABLE = (("t s", "t", "{:.0f}"), ("RSS MB", "rss_mb", "{:.1f}"),
+         ("anon MB", "rss_anon_mb", "{:.1f}"), ("fds", "fds", "{}"),
          ("thr", "threads", "{}"), ("db KB", "db_bytes", "{:.0f}"),
          ("wal KB", "wal_bytes", "{:.0f}"), ("shm KB", "shm_bytes", "{:.0f}"),
          ("pending", "pending", "{}"), ("live KB", "live_bytes", "{:.0f}"),
