@@ -121,17 +121,24 @@ class Agent:
             await self.devices.stop()
 
     async def _relays_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        for sink_cfg in self.config.sinks:
-            sink = WebhookSink(sink_cfg.name, sink_cfg.settings(), sink_cfg.policy())
-            relay = Relay(self.store, sink, on_attempt=self.metrics.attempt)
-            await relay.start()
-            self.relays[sink_cfg.name] = relay
-        for printer in self.printers.values():
-            if printer.enabled:
-                relay = Relay(self.store, printing.PrinterSink(printer.name, self.devices),
-                              on_attempt=self.metrics.attempt)
+        try:
+            for sink_cfg in self.config.sinks:
+                sink = WebhookSink(sink_cfg.name, sink_cfg.settings(), sink_cfg.policy())
+                relay = Relay(self.store, sink, on_attempt=self.metrics.attempt)
                 await relay.start()
-                self.relays[relay.name] = relay
+                self.relays[sink_cfg.name] = relay
+            for printer in self.printers.values():
+                if printer.enabled:
+                    relay = Relay(self.store, printing.PrinterSink(printer.name, self.devices),
+                                  on_attempt=self.metrics.attempt)
+                    await relay.start()
+                    self.relays[relay.name] = relay
+        except BaseException:
+            # A sink that cannot start (SinkSetupError) stops the agent: the relays already
+            # started give their claims back before the outbox closes.
+            await asyncio.gather(*(r.stop(grace_s=self.stop_grace_s)
+                                   for r in self.relays.values()))
+            raise
         stop_resuming = printing.resume_on_recovery(self.devices, self.relays)
         yield
         stop_resuming()

@@ -6,7 +6,7 @@
 | ``DedupeConflict``   | tell the client its id is taken by different content (409)     |
 | ``OutboxUnavailable``| refuse for now (503); the writer reopens the database itself   |
 | ``KeyFileError``     | stop: an operator must fix the key file (config error)         |
-| ``SinkSetupError``   | stop: an operator must fix the sink's settings (config error)   |
+| ``SinkSetupError``   | stop: an operator must fix the sink's settings (config error)  |
 | ``OutboxCorrupt``    | stop: the database failed its check; restore or investigate    |
 | ``SchemaTooNew``     | stop: the database was written by a newer tillsync             |
 

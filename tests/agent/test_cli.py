@@ -63,6 +63,22 @@ def test_a_world_readable_key_stops_run_with_one_clear_line(tmp_path: Path):
     assert "outbox.key" in line and "chmod 600" in line
 
 
+def test_an_unreadable_ca_bundle_stops_run_naming_the_sink_and_the_file(tmp_path: Path):
+    """The first sink's relay has started when the second one fails: it is stopped and the
+    agent exits with one line, instead of a bare "[Errno 2] No such file or directory"."""
+    config = write_config(tmp_path, sink_url="http://127.0.0.1:9/events")
+    missing = tmp_path / "private-ca.pem"
+    config.write_text(config.read_text() + '[[sinks]]\nname = "erp"\ntype = "webhook"\n'
+                      f'url = "https://127.0.0.1:9/erp"\nca_bundle = "{missing}"\n')
+
+    result = tillsync("run", "--config", str(config))
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tillsync: sink erp: ca_bundle {missing} cannot be used"), last
+    assert "No such file or directory" in last and "config file" in last
+
+
 def test_status_without_an_agent_is_one_line(tmp_path: Path):
     result = tillsync("status", "--url", "http://127.0.0.1:9", "--token", "x")
     line = one_line_failure(result)
