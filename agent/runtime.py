@@ -136,12 +136,14 @@ class Agent:
         except BaseException:
             # A sink that cannot start (SinkSetupError) stops the agent: the relays already
             # started give their claims back before the outbox closes.
-            await asyncio.gather(*(r.stop(grace_s=self.stop_grace_s)
-                                   for r in self.relays.values()))
+            await self._stop_relays()
             raise
         stop_resuming = printing.resume_on_recovery(self.devices, self.relays)
         yield
         stop_resuming()
+        await self._stop_relays()
+
+    async def _stop_relays(self) -> None:
         await asyncio.gather(*(r.stop(grace_s=self.stop_grace_s) for r in self.relays.values()))
 
     async def _scheduler_ctx(self, app: web.Application) -> AsyncIterator[None]:

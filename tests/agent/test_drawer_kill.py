@@ -12,7 +12,6 @@ import asyncio
 import signal
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +52,6 @@ async def open_drawer(http: aiohttp.ClientSession, base: str) -> tuple[int, Any]
 async def kill(proc: asyncio.subprocess.Process) -> None:
     proc.send_signal(signal.SIGKILL)
     assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
-
-
-def pulsed(printer: EscposPrinterEmulator) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return bool(printer.pulses)
-    return check
 
 
 def stored_events(config_path: Path) -> int:
@@ -106,7 +99,7 @@ async def test_an_opened_drawer_is_not_opened_again_after_a_sigkill_and_restart(
             assert await open_drawer(http, base) == (200, {"status": "opened"})
             # 200 means the pulse was handed to the printer's socket; the emulator, in this
             # process, may read it just after the answer arrives.
-            await until(pulsed(printer))
+            await until(lambda: bool(printer.pulses))
             assert printer.pulses == once
             await kill(proc)
         assert printer.received.count(ESC_P) == 1
