@@ -83,6 +83,15 @@ class Outcome:
     unreachable: bool = False  # the sink could not be reached at all (offline, not failing)
     status: int | None = None  # the HTTP status, when there was one
 
+    @property
+    def headline(self) -> str:
+        """The reason without the server's body: what logs and the sink's status carry.
+
+        A body may echo the event back (a 422 quoting the customer's email), so it is kept
+        only with the delivery, encrypted, and shown by the admin API (CONTRACT §8).
+        """
+        return f"HTTP {self.status}" if self.status is not None else self.reason
+
 
 PAUSE_STATUSES = frozenset({401, 403, 404, 405, 407})
 RETRY_STATUSES = frozenset({408, 425, 429})

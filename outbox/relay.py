@@ -374,14 +374,17 @@ class Relay:
         key = (delivery.event_id, self.name)
         if outcome.action is Action.DEAD:
             self._answered(delivered=False)  # the sink is up; this event is the problem
-            self._last_error = outcome.reason
-            log.warning("sink %s: event %d dead-lettered: %s", self.name, delivery.event_id,
-                        outcome.reason)
+            self._last_error = outcome.headline
+            log.warning("sink %s: event %d dead-lettered: %s (the answer is kept with the"
+                        " event: tillsync outbox show %d)", self.name, delivery.event_id,
+                        outcome.headline, delivery.event_id)
             return Settlement(*key, Verdict.DEAD, error=outcome.reason)
-        self._failed(outcome.reason)
+        # Logs and status get the headline; the full reason, body included, is stored with
+        # the delivery (encrypted) for the admin API.
+        self._failed(outcome.headline)
         verdict = Verdict.IN_DOUBT if outcome.in_doubt else Verdict.RETRY
         if outcome.action is Action.PAUSE:
-            self._hold(self.policy.pause_recheck_s, SinkState.PAUSED, outcome.reason)
+            self._hold(self.policy.pause_recheck_s, SinkState.PAUSED, outcome.headline)
             return Settlement(*key, verdict, next_attempt_at=now, error=outcome.reason)
         wait = retry_after_seconds(outcome.retry_after, now=now,
                                    cap_s=self.policy.max_retry_after_s)
@@ -393,10 +396,10 @@ class Relay:
             wait = self._backoff(self._failures)  # the whole sink is affected
         if wait is not None:
             state = SinkState.OFFLINE if outcome.unreachable else SinkState.BACKING_OFF
-            self._hold(wait, state, outcome.reason)
+            self._hold(wait, state, outcome.headline)
         else:
             wait = self._backoff(delivery.attempts + 1)  # only this delivery waits
-            self._set_state(SinkState.BACKING_OFF, outcome.reason)
+            self._set_state(SinkState.BACKING_OFF, outcome.headline)
         return Settlement(*key, verdict, next_attempt_at=now + wait, error=outcome.reason)
 
     def _backoff(self, attempt: int) -> float:

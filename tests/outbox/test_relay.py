@@ -393,3 +393,41 @@ async def test_a_host_that_never_accepts_is_unreachable_not_in_doubt_with_a_shor
             filler.close()
         listener.close()
     assert outcome.unreachable and not outcome.in_doubt, outcome
+
+
+async def test_an_answer_body_echoing_customer_data_never_reaches_the_log(
+        store: Outbox, running, caplog: pytest.LogCaptureFixture):
+    """GIVEN a sink whose error answers quote the event (a 503, then a 422 naming the
+    customer's email) WHEN the relay backs off and then dead-letters the event
+    THEN no log line and not the sink's status carry the body, only "HTTP <status>"; the
+    full answer stays with the delivery, for the admin API (CONTRACT §8: error bodies are
+    never on disk in plaintext, and journald writes stderr to disk)."""
+    from aiohttp import web
+
+    canary = "zebra.canary-logleak@example.com"
+    answers = [503, 422]
+
+    async def handler(request: web.Request) -> web.Response:
+        status = answers.pop(0) if answers else 200
+        return web.json_response({"error": f"invalid customer email {canary}"}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/events", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        caplog.set_level(logging.DEBUG)
+        await store.append(sale("T01", 1))
+        relay = await running.start(store, f"http://127.0.0.1:{port}/events")
+        await drained(store)
+        [dead] = await store.list_deliveries(state=DeliveryState.DEAD)
+        assert dead.last_error is not None and canary in dead.last_error
+        assert relay.status().last_error == "HTTP 422"
+        logged = [r.getMessage() for r in caplog.records]
+        assert any("HTTP 503" in m for m in logged) and any("HTTP 422" in m for m in logged)
+        assert not [m for m in logged if canary in m]
+    finally:
+        await runner.cleanup()
