@@ -260,7 +260,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the outbox is open and writable."""
-    reasons = request.app[AGENT].not_ready_reasons()
+    reasons = await request.app[AGENT].not_ready_reasons()
     if reasons:
         return web.json_response({"status": "not_ready", "reasons": reasons}, status=503)
     return web.json_response({"status": "ready"})
@@ -414,7 +414,7 @@ async def read_body(request: web.Request) -> bytes:
 def _outbox_refusal(agent: Agent, err: OutboxError, what: str) -> ApiError:
     """Turn an append the outbox refused into 507 (full) or 503 (cannot write now)."""
     if isinstance(err, OutboxFull):
-        agent.note_full(str(err))
+        agent.note_full(err)
         return ApiError(507, "outbox_full",
                         "the outbox is full; nothing accepted was dropped. Retry later.",
                         headers={"Retry-After": "30"})

@@ -49,7 +49,7 @@ from agent.sdnotify import Notifier
 from agent.status import DeviceStatus, build_status
 from drivers.base import Driver
 from drivers.manager import DeviceManager
-from outbox import Appended, Outbox, OutboxError
+from outbox import Appended, CapacityFull, Outbox, OutboxError, OutboxFull
 from outbox.relay import Relay
 from outbox.sinks import WebhookSink
 from outbox.version import package_version
@@ -226,15 +226,21 @@ class Agent:
             store_name=store.name or store.id, transaction=transaction, now=time.time())
         return job_id, await printing.append_job(self.store, event, job_id)
 
-    def note_full(self, reason: str) -> None:
-        """Remember that an append was refused for lack of room."""
-        self._full_at, self._full_reason = time.monotonic(), reason
+    def note_full(self, err: OutboxFull) -> None:
+        """Remember an append refused for lack of disk or database room.
+
+        A refusal for ``capacity_bytes`` is the store's to track: it knows the moment an
+        event fits again (``Outbox.capacity_refusal``), while a full disk or page limit is
+        reported for ``FULL_REPORT_S`` after the last refusal or until an append succeeds.
+        """
+        if not isinstance(err, CapacityFull):
+            self._full_at, self._full_reason = time.monotonic(), str(err)
 
     def note_accepted(self) -> None:
         """Forget "full": an append went through."""
         self._full_at = None
 
-    def accept_error(self) -> str | None:
+    async def accept_error(self) -> str | None:
         """Why the outbox cannot take events right now, or None."""
         if self.store is None or self.store.closed:
             return "the outbox is closed"
@@ -245,13 +251,16 @@ class Agent:
         refusal = self.store.disk_refusal()
         if refusal is not None:
             return f"the outbox is full: {refusal}"
+        refusal = await self.store.capacity_refusal()
+        if refusal is not None:
+            return f"the outbox is full: {refusal}"
         if self._full_at is not None and time.monotonic() - self._full_at < FULL_REPORT_S:
             return f"the outbox is full: {self._full_reason}"
         return None
 
-    def not_ready_reasons(self) -> list[str]:
+    async def not_ready_reasons(self) -> list[str]:
         """Empty when the agent can take events."""
-        error = self.accept_error()
+        error = await self.accept_error()
         return [error] if error else []
 
     async def status(self) -> dict[str, Any]:
@@ -261,7 +270,7 @@ class Agent:
             stats = await self.store.stats()
         except OutboxError as err:
             log.debug("status: no outbox stats: %s", err)
-        accept_error = self.accept_error()
+        accept_error = await self.accept_error()
         if accept_error is None and self.db_problems:
             accept_error = f"database check: {self.db_problems[0]}"
         return build_status(

@@ -119,6 +119,7 @@ store. The database never holds a payload, customer datum or error body in plain
 """
 
 from outbox.errors import (
+    CapacityFull,
     DedupeConflict,
     KeyFileError,
     KeyFileInvalid,
@@ -149,6 +150,7 @@ from outbox.store import Outbox
 
 __all__ = [
     "Appended",
+    "CapacityFull",
     "DedupeConflict",
     "Delivery",
     "DeliveryInfo",

@@ -35,6 +35,15 @@ class OutboxFull(OutboxError):
     hint = "deliver or purge queued events, or raise outbox.capacity_bytes / free disk space"
 
 
+class CapacityFull(OutboxFull):
+    """``capacity_bytes`` is reached by payloads still owed to sinks.
+
+    The store remembers the refused size until an event that size fits again
+    (``Outbox.capacity_refusal``), so status can stop reporting "full" as soon as deliveries
+    make room, not only after the next successful append.
+    """
+
+
 class DedupeConflict(OutboxError):
     """The dedupe key is already used by an event with different content."""
 

@@ -540,6 +540,31 @@ class Outbox:
         self.commits += 1
         self._answer(others, [], result)
 
+    async def capacity_refusal(self) -> str | None:
+        """Why new events are refused for ``capacity_bytes``, or None.
+
+        Set by an append refused with ``CapacityFull``; cleared as soon as an event of that
+        size would fit again: after a successful append, a purge, or deliveries whose
+        payloads can now be released (checked here, on the writer, only while refused and
+        only when something was delivered since the last look).
+        """
+        tx = self._tx
+        if tx.refused_bytes is None:
+            return None
+        if not tx.reclaim_hopeless and not self._closed:
+            try:
+                if await self._call(tx.room_regained, brief=True):
+                    return None
+            except OutboxError:
+                pass  # the writer cannot look now: report what is known
+        elif tx.room_regained_in_memory():
+            return None
+        need = tx.refused_bytes
+        if need is None:
+            return None
+        return (f"the outbox holds {tx.live_bytes} of {tx.capacity_bytes} bytes, all owed to"
+                f" sinks; an event of {need} bytes does not fit")
+
     def disk_refusal(self) -> str | None:
         """Why new events are refused to keep the disk reserve, or None.
 

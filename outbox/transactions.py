@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,9 @@ from outbox.db import (
     rollback,
 )
 from outbox.errors import (
+    CapacityFull,
     DedupeConflict,
     OutboxError,
-    OutboxFull,
     OutboxUnavailable,
     RecordTampered,
 )
@@ -127,6 +127,8 @@ class Transactions:
         self.key_uses: dict[int, int] = {}
         # Reclaim skips its scan while nothing was delivered since it last found nothing.
         self.reclaim_hopeless = False
+        # The size of the last append refused for capacity, until one that size fits again.
+        self.refused_bytes: int | None = None
         self._broken: Raw | None = None  # the handle that last failed with an I/O error
         # Opened on a full disk: interrupted attempts still to be put back (next batch).
         self.recovery_owed = False
@@ -222,6 +224,8 @@ class Transactions:
         """Bring in-memory state level with a batch whose COMMIT succeeded."""
         plan = staged.plan
         self.recovery_owed = False
+        if plan.added_bytes and not any(isinstance(r, CapacityFull) for r in plan.results):
+            self.refused_bytes = None  # events fit again
         self.live_bytes += plan.added_bytes - plan.freed_bytes
         active = self.keyring.active_id
         self.key_uses[active] = self.key_uses.get(active, 0) + plan.sealed
@@ -380,8 +384,46 @@ class Transactions:
         freed = self._reclaim(raw, over)
         plan.freed_bytes += freed
         if freed < over:
-            raise OutboxFull(f"the outbox holds {held - freed} of {self.capacity_bytes} bytes;"
-                             f" {op_bytes} more do not fit")
+            self.refused_bytes = op_bytes
+            raise CapacityFull(f"the outbox holds {held - freed} of {self.capacity_bytes}"
+                               f" bytes; {op_bytes} more do not fit")
+
+    def room_regained(self, raw: Raw) -> bool:
+        """Whether an append of the last refused size would fit now; forgets the refusal if so.
+
+        Room comes from payloads the purge released, or delivered since and releasable.
+        """
+        if self.room_regained_in_memory():
+            return True
+        assert self.refused_bytes is not None and self.capacity_bytes is not None
+        over = self.live_bytes + self.refused_bytes - self.capacity_bytes
+        if self.reclaim_hopeless or self._reclaimable(raw, over) < over:
+            self.reclaim_hopeless = True  # as _reclaim would have found: nothing to release
+            return False
+        self.refused_bytes = None
+        return True
+
+    def room_regained_in_memory(self) -> bool:
+        """``room_regained`` without reading the database.
+
+        Enough while nothing was delivered since the last look: only a purge made room.
+        """
+        need = self.refused_bytes
+        if need is None or self.capacity_bytes is None:
+            return True
+        if self.live_bytes + need > self.capacity_bytes:
+            return False
+        self.refused_bytes = None
+        return True
+
+    def _reclaimable(self, raw: Raw, needed: int) -> int:
+        """Bytes ``_reclaim`` could release, counted until ``needed`` is reached."""
+        found = 0
+        for _event_id, size in self._delivered_payloads(raw):
+            found += size
+            if found >= needed:
+                break
+        return found
 
     def _insert(self, raw: Raw, event_rows: list[tuple[Any, ...]],
                 delivery_rows: list[tuple[Any, ...]], per_sink: dict[str, list[int]],
@@ -430,25 +472,33 @@ class Transactions:
         if self.reclaim_hopeless:
             return 0
         freed = 0
+        take: list[int] = []
+        for event_id, size in self._delivered_payloads(raw):
+            take.append(event_id)
+            freed += size
+            if freed >= needed:
+                break
+        release(raw, take)
+        if freed < needed:
+            self.reclaim_hopeless = True
+        return freed
+
+    @staticmethod
+    def _delivered_payloads(raw: Raw) -> Iterator[tuple[int, int]]:
+        """(event id, size) of fully delivered events still holding a payload, oldest first.
+
+        Read a slice at a time: callers stop as soon as they have enough.
+        """
         after = 0
-        while freed < needed:
+        while True:
             rows = fetchall(
                 raw, "SELECT id, size FROM events WHERE id > ? AND sealed IS NOT NULL AND NOT"
                      " EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND"
                      " d.state != 'delivered') ORDER BY id LIMIT ?", (after, PURGE_SLICE))
-            if not rows:
-                break
-            take = []
-            for event_id, size in rows:
-                take.append(event_id)
-                freed += size
-                after = event_id
-                if freed >= needed:
-                    break
-            release(raw, take)
-        if freed < needed:
-            self.reclaim_hopeless = True
-        return freed
+            yield from rows
+            if len(rows) < PURGE_SLICE:
+                return
+            after = rows[-1][0]
 
     def release_payloads(self, raw: Raw, delivered_before: float) -> tuple[int, int]:
         """One slice of purge: payloads of events delivered everywhere before the cut-off.

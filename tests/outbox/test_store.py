@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from outbox import (
+    CapacityFull,
     DedupeConflict,
     DeliveryState,
     Outbox,
@@ -393,6 +394,37 @@ async def test_capacity_refuses_new_events_and_keeps_committed_ones(open_store: 
     assert more.created
     first = await store.read(d.event_id)
     assert first is not None and first.purged
+
+
+async def test_a_capacity_refusal_is_reported_until_an_event_that_size_fits_again(
+        open_store: OpenStore):
+    """GIVEN a store refusing a 200-byte event for capacity_bytes
+    WHEN nothing changes THEN it keeps reporting why (status says "failing");
+    WHEN one owed event is delivered THEN the refusal is over at once, without waiting for
+    the next append: the delivered payload can be released to make room (the agent's status
+    and /readyz said "full" for up to a minute after the room was back)."""
+    store = await open_store(capacity_bytes=2000)
+    assert await store.capacity_refusal() is None
+    with pytest.raises(CapacityFull):
+        for seq in range(100):
+            await store.append(event("T01", seq, payload=b"x" * 200))
+    refusal = await store.capacity_refusal()
+    assert refusal is not None and "of 2000 bytes" in refusal and "owed" in refusal
+    # A retry that is refused again, and a settle that delivers nothing, change nothing.
+    with pytest.raises(CapacityFull):
+        await store.append(event("T01", 500, payload=b"x" * 200))
+    [d] = await store.claim("cloud", 1)
+    await settle(store, d.event_id, Verdict.RETRY, next_attempt_at=0)
+    assert await store.capacity_refusal() is not None
+    # Delivering one frees enough for one more event of that size: no longer refused.
+    [d] = await store.claim("cloud", 1)
+    await settle(store, d.event_id, Verdict.DELIVERED)
+    assert await store.capacity_refusal() is None
+    assert (await store.append(event("T01", 1000, payload=b"y" * 200))).created
+    # Full again: refused again, and reported again.
+    with pytest.raises(CapacityFull):
+        await store.append(event("T01", 1001, payload=b"z" * 200))
+    assert await store.capacity_refusal() is not None
 
 
 async def test_sqlite_page_limit_raises_outbox_full_with_data_intact(open_store: OpenStore,
