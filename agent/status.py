@@ -129,6 +129,8 @@ def _drain_eta(stats: SinkStats | None, relay: RelayStatus | None) -> int | None
     owed = stats.pending + stats.in_doubt
     if owed == 0:
         return 0
+    if relay is not None and relay.state in (SinkState.PAUSED, SinkState.OFFLINE):
+        return None  # nothing drains until it is back: last minute's rate says nothing
     rate = relay.delivery_rate_per_s if relay else 0.0
     if rate <= 0:
         return None

@@ -187,8 +187,21 @@ class Relay:
         """Return a snapshot for ``/v1/status`` and metrics."""
         held = (len(self._ready) + self._sending + len(self._settled) + self._recording)
         return RelayStatus(self.name, self.state, self._last_success_at, self._last_error,
-                           self._next_attempt_at, self._failures, held,
+                           self._next_attempt(), self._failures, held,
                            self.delivery_rate())
+
+    def _next_attempt(self) -> float | None:
+        """When the sink will be tried next, if it is waiting; None when it is not.
+
+        The end of a hold (offline, paused, Retry-After), else the earliest retry of a
+        backed-off delivery; a time already past means nothing is scheduled.
+        """
+        now = self._clock()
+        if self._next_attempt_at is not None and self._next_attempt_at > now:
+            return self._next_attempt_at
+        if self.state is not SinkState.ONLINE and self._due is not None and self._due > now:
+            return self._due
+        return None
 
     def delivery_rate(self) -> float:
         """Deliveries per second over the last minute (0.0 when none)."""

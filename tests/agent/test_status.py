@@ -138,6 +138,16 @@ def test_sink_fields_come_from_stats_and_relay() -> None:
         "in_doubt": 1, "oldest_pending_age_s": 12.5}
 
 
+@pytest.mark.parametrize("state", [SinkState.PAUSED, SinkState.OFFLINE])
+def test_a_sink_that_is_not_delivering_has_no_drain_estimate(state: SinkState) -> None:
+    """A paused (401) or unreachable sink drains nothing until it is back: an estimate from
+    the last minute's rate (which the audit saw as 8-10 s on a paused sink) would mislead."""
+    doc = status(outbox=outbox(stats("cloud", 3)),
+                 relays={"cloud": relay("cloud", state, rate=0.5, next_at=T0 + 5)})
+    assert sink_doc(doc, "cloud")["drain_eta_s"] is None
+    assert sink_doc(doc, "cloud")["pending"] == 3
+
+
 def test_a_sink_without_relay_status_yet_is_online() -> None:
     doc = status(sinks=["cloud", "erp"], relays={"cloud": relay("cloud")},
                  outbox=outbox(stats("cloud")))

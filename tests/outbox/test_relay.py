@@ -431,3 +431,36 @@ async def test_an_answer_body_echoing_customer_data_never_reaches_the_log(
         assert not [m for m in logged if canary in m]
     finally:
         await runner.cleanup()
+
+
+async def test_a_backing_off_sink_reports_when_it_will_try_again(store: Outbox, running):
+    """GIVEN a sink answering 500 (each failed delivery waits its own backoff, the sink is
+    not held) WHEN its status is read THEN ``next_attempt_at`` is that retry's time, in the
+    future; it was None for every backed-off sink that was not held by a Retry-After."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_post("/events", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        await store.append(sale("T01", 1))
+        # Full jitter: the first retry waits uniform(0, 30 s), so it is still ahead.
+        slow = SinkPolicy(backoff_base_s=30.0, backoff_cap_s=60.0)
+        relay = await running.start(store, f"http://127.0.0.1:{port}/events", policy=slow)
+        await until(lambda: relay.status().consecutive_failures >= 1, 5)
+        await until(lambda: relay.status().next_attempt_at is not None, 2)
+        status = relay.status()
+        assert status.state is SinkState.BACKING_OFF
+        assert status.next_attempt_at is not None
+        assert time.time() < status.next_attempt_at <= time.time() + 30.0
+        [owed] = await store.list_deliveries(state=DeliveryState.PENDING)
+        assert owed.next_attempt_at == pytest.approx(status.next_attempt_at)
+    finally:
+        await runner.cleanup()
