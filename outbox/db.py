@@ -13,6 +13,7 @@ the quick_check at open, runs on a read-only connection).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -39,7 +40,15 @@ async def connect(path: Path, durability: Durability, max_db_bytes: int | None) 
     """Open the writer connection: WAL, the durability's synchronous, bounded WAL."""
     # check_same_thread off: the writer runs hot-path statements on the loop's thread and
     # the COMMIT on this connection's thread, one after the other, never at once.
-    conn = await aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
+    conn = aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        await conn
+    except BaseException:
+        # aiosqlite asks its thread to stop but does not wait for it; the thread then
+        # reports to the loop, and if the loop has closed by then (the agent exiting on
+        # this very error) it prints an "Event loop is closed" traceback. Wait here.
+        await asyncio.to_thread(conn._thread.join, THREAD_JOIN_S)
+        raise
     try:
         await hop(conn, lambda raw: _configure(raw, path, durability, max_db_bytes))
     except BaseException:
@@ -63,6 +72,9 @@ def _configure(raw: Raw, path: Path, durability: Durability, max_db_bytes: int |
         (page_size,) = fetchone(raw, "PRAGMA page_size")
         raw.execute(f"PRAGMA max_page_count = {max(1, max_db_bytes // page_size)}")
 
+
+# How long to wait for aiosqlite's thread to end after a failed connect.
+THREAD_JOIN_S = 2.0
 
 # SQLite's default: checkpoint once the WAL holds this many pages.
 AUTOCHECKPOINT_PAGES = 1000
@@ -216,4 +228,10 @@ def open_error(path: Path, err: sqlite3.Error) -> OutboxError:
     """Type an error met while opening: a damaged file, or a disk problem."""
     if getattr(err, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
         return OutboxCorrupt(f"{path} is not a readable outbox database: {err}")
-    return OutboxUnavailable(f"cannot open {path}: {err}")
+    return OutboxUnavailable(f"cannot open {path}: {err}", hint=OPEN_HINT)
+
+
+# At open nothing retries: the operator has to look (OutboxUnavailable's usual hint says the
+# agent reopens the database, which is true only once it runs).
+OPEN_HINT = ("check that outbox.path names a file in a directory the agent can write, on a"
+             " working disk")

@@ -125,6 +125,9 @@ class Outbox:
         ``disk_reserve_bytes`` keeps that much disk for deliveries (``outbox.reserve``).
         """
         path, key_file = Path(path), Path(key_file)
+        if path.is_dir():
+            raise OutboxUnavailable(f"{path} is a directory, not a database file",
+                                    hint=f"set outbox.path to a file, e.g. {path / 'outbox.db'}")
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
         if disk_reserve_bytes < 0:  # before anything is opened that would need closing

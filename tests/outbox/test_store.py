@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from outbox import (
     OutboxClosed,
     OutboxCorrupt,
     OutboxFull,
+    OutboxUnavailable,
     SchemaTooNew,
     Settlement,
     Verdict,
@@ -449,6 +452,36 @@ async def test_sqlite_page_limit_raises_outbox_full_with_data_intact(open_store:
 
 
 # -- opening: pragmas, schema, corruption --------------------------------------------------
+
+
+async def test_a_directory_as_the_database_path_is_refused_by_name(tmp_path: Path):
+    with pytest.raises(OutboxUnavailable, match="is a directory") as refused:
+        await Outbox.open(tmp_path, tmp_path / "outbox.key", create_key=True)
+    assert str(tmp_path / "outbox.db") in refused.value.hint
+
+
+def test_a_database_that_cannot_be_opened_fails_once_without_a_thread_traceback(
+        tmp_path: Path):
+    """GIVEN a database path SQLite cannot create (under /proc/self) WHEN a process opens
+    the outbox, reports the error and exits THEN stderr holds no traceback. aiosqlite left
+    its thread running after the failed connect; it then reported to the closed event loop
+    ("RuntimeError: Event loop is closed", 25 lines) after the CLI's one-line error."""
+    script = (
+        "import asyncio, sys\n"
+        "from outbox import Outbox, OutboxError\n"
+        "async def main():\n"
+        "    try:\n"
+        f"        await Outbox.open('/proc/self/tillsync.db', {str(tmp_path / 'k')!r},"
+        " create_key=True)\n"
+        "    except OutboxError as err:\n"
+        "        print(f'refused: {err} ({err.hint})', file=sys.stderr)\n"
+        "asyncio.run(main())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refused: cannot open"), done.stderr
+    assert "outbox.path" in lines[0] and "retries" not in lines[0]
 
 
 @pytest.mark.parametrize(("durability", "expected"), [("full", 2), ("normal", 1)])
