@@ -7,6 +7,12 @@ site must not reach the agent through DNS rebinding) and, except for ``/healthz`
 
 An event is answered ``202`` only after the outbox has committed it durably; the same event
 again gets ``200`` with the same body; a different event under the same ids gets ``409``.
+"The same" is ``canonical.same_content``: an optional field sent as ``null`` or left out is
+the same event (see ``_append_event``).
+
+Any valid token (a terminal's or the status token) gets the router's ``404`` for an unknown
+path and ``405`` with ``Allow`` for a method the path does not take; a request without a
+valid token gets ``401`` on every path but the open probes, known or not (``auth_middleware``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,6 +37,7 @@ from agent.printing import PrintRequestError
 from agent.status import device_json
 from agent.stream import register as register_stream
 from outbox import (
+    Appended,
     DedupeConflict,
     DeliveryState,
     NewEvent,
@@ -102,8 +109,10 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/devices/{name}/weight", device_weight)
     app.router.add_get("/v1/outbox", outbox_list)
     app.router.add_post("/v1/outbox/retry-dead", outbox_retry_dead)
-    app.router.add_get("/v1/outbox/{event_id}", outbox_show)
-    app.router.add_post("/v1/outbox/{event_id}/retry", outbox_retry)
+    # Event ids are digits: without the pattern, "GET /v1/outbox/retry-dead" was routed to
+    # outbox_show as event "retry-dead" (404) instead of 405 with "Allow: POST".
+    app.router.add_get("/v1/outbox/{event_id:[0-9]+}", outbox_show)
+    app.router.add_post("/v1/outbox/{event_id:[0-9]+}/retry", outbox_retry)
     app.router.add_post("/v1/keys/rotate", keys_rotate)
     register_stream(app)
     return app
@@ -138,11 +147,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         _count_rejection(request, "too_large")
         return ApiError(413, "too_large", f"the body is over the limit of {MAX_BODY_BYTES} bytes",
                         close=True).response()
+    except web.HTTPMethodNotAllowed as err:
+        allowed = ", ".join(sorted(err.allowed_methods))
+        return ApiError(405, "method_not_allowed",
+                        f"{request.method} is not allowed here; allowed: {allowed}",
+                        headers=_allow_header(err)).response()
+    except web.HTTPNotFound:
+        return ApiError(404, "not_found",
+                        "no such endpoint; /openapi.json lists them").response()
     except web.HTTPException as err:
         if err.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status, "http_error")
-        return ApiError(err.status, code, err.reason, headers=_allow_header(err)).response()
+        return ApiError(err.status, "http_error", err.reason,
+                        headers=_allow_header(err)).response()
     except Exception:
         log.exception("api: unexpected error in %s %s", request.method, request.path)
         return ApiError(500, "internal_error", "internal error; see the agent's log").response()
@@ -214,14 +231,17 @@ def own_host_names(listen_host: str, extra: list[str]) -> frozenset[str]:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Require a bearer token for everything but the open probes."""
+    """Require a bearer token for everything but the open probes.
+
+    The token is checked before the route: a caller without a valid token gets 401 on every
+    path, known or not, so it cannot map the API (the list of routes, /openapi.json, itself
+    needs a token). A valid token of either kind then gets the router's answer for a path
+    or method that does not exist (404, or 405 with ``Allow``), as a caller of an HTTP API
+    expects; it reveals nothing that /openapi.json does not already show that token. Only
+    an existing route the token may not call is 403.
+    """
     if request.path in OPEN_PATHS:
         return await handler(request)
-    resource = request.match_info.route.resource
-    if resource is None:
-        role: Role = "status"  # unknown paths: no hint to anonymous callers what exists
-    else:
-        role = ROLES.get((request.method, resource.canonical), "status")
     token = _bearer(request)
     agent = request.app[AGENT]
     terminal = agent.terminal_for(token) if token else None
@@ -233,6 +253,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if terminal is None and not is_status:
         raise ApiError(401, "unauthorized", "unknown token",
                        headers={"WWW-Authenticate": 'Bearer realm="tillsync"'})
+    resource = request.match_info.route.resource
+    # No resource: the router found no route for this path and method; its handler raises
+    # the 404 or 405 that errors_middleware renders.
+    role: Role = ("any" if resource is None
+                  else ROLES.get((request.method, resource.canonical), "status"))
     allowed = (role == "any" or (role == "terminal" and terminal is not None)
                or (role == "status" and is_status))
     if not allowed:
@@ -363,11 +388,8 @@ async def _ingest(request: web.Request, parse: Callable[[bytes], Accepted]) -> w
                        [{"field": p.field, "code": p.code, "message": p.message}
                         for p in err.problems]) from None
     if accepted.terminal_id != terminal.id:
-        raise ApiError(403, "terminal_mismatch",
-                       f"this token belongs to terminal {terminal.id}, not"
-                       f" {accepted.terminal_id}",
-                       [{"field": "terminal_id", "code": "terminal_mismatch",
-                         "message": f"must be {terminal.id}"}])
+        message, details = canonical.terminal_mismatch(terminal.id, accepted.terminal_id)
+        raise ApiError(403, "terminal_mismatch", message, details)
     store_id = agent.config.store.id
     event = NewEvent(
         stream=accepted.terminal_id, kind=accepted.kind,
@@ -378,12 +400,13 @@ async def _ingest(request: web.Request, parse: Callable[[bytes], Accepted]) -> w
         dedupe_key=canonical.dedupe_key(accepted.kind, accepted.terminal_id,
                                         accepted.object_id))
     try:
-        appended = await agent.store.append(event)
+        appended = await _append_event(agent, event)
     except DedupeConflict as err:
+        what, correction = CONFLICT_WORDING[accepted.kind]
         raise ApiError(409, "conflict",
-                       f"{accepted.kind} {accepted.object_id} of terminal {accepted.terminal_id}"
-                       f" was already accepted (event {err.event_id}) with different content;"
-                       " a correction needs a new id (e.g. a void and a new sale)") from None
+                       f"{what} {accepted.object_id} of terminal {accepted.terminal_id} was"
+                       f" already accepted (event {err.event_id}) with different content;"
+                       f" {correction}") from None
     except OutboxError as err:
         raise _outbox_refusal(agent, err, "events") from None
     agent.note_accepted()
@@ -392,6 +415,44 @@ async def _ingest(request: web.Request, parse: Callable[[bytes], Accepted]) -> w
     answer = {"event_id": str(appended.event_id), "idempotency_key": appended.idempotency_key,
               "status": "queued", "sinks": list(appended.sinks)}
     return web.json_response(answer, status=202 if appended.created else 200)
+
+
+# What a 409 calls the event, and how to correct one: a sale is voided and posted anew, a
+# stock change is corrected by another adjustment.
+CONFLICT_WORDING = {
+    "transaction": ("transaction", "a correction needs a new transaction_id (void this one"
+                                   " and post the corrected transaction)"),
+    "inventory_adjustment": ("inventory adjustment", "a correction needs a new adjustment_id"
+                                                     " (post another adjustment for the"
+                                                     " difference)"),
+}
+
+
+async def _append_event(agent: Agent, event: NewEvent) -> Appended:
+    """Append an event; a resend that differs only in null-vs-absent fields is the original.
+
+    The outbox dedupes on a keyed fingerprint of the payload bytes, so it takes a body that
+    leaves out ``"original_transaction_id": null`` for different content. On its
+    ``DedupeConflict`` the stored payload is read back (decrypted) and compared with
+    ``canonical.same_content``; if it is the same event, the stored bytes are appended again,
+    which the fingerprint matches, so the outbox answers with the original event exactly as
+    for a byte-identical resend (``created`` False, same id, key and sinks). The stored
+    payload stays what the terminal first sent (CONTRACT §6), and the fingerprints in the
+    database are untouched, so events accepted by earlier versions dedupe the same way.
+    Once the payload has been released (``outbox.retention_days`` after delivery) or
+    quarantined only the fingerprint is left: such a resend must then match byte for byte
+    (in canonical form), and a null-vs-absent difference is a 409 again.
+    """
+    try:
+        return await agent.store.append(event)
+    except DedupeConflict as conflict:
+        record = await agent.store.read(conflict.event_id)
+        if (record is None or record.payload is None or record.dedupe_key != event.dedupe_key
+                or not canonical.same_content(record.payload, event.payload)):
+            raise
+        # Should the event be forgotten by the purge in between, this appends the first
+        # send's bytes as a new event: the same content, as the terminal's resend is.
+        return await agent.store.append(replace(event, payload=record.payload))
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -10,6 +10,15 @@ A body goes through four gates, and the first that fails decides the error code:
 4. Accepted: ``data`` is the object exactly as parsed, ``canonical`` its sorted, compact
    encoding, so a resend with other whitespace or key order is the same content.
 
+A resend is "the same content" when ``same_content`` says so: the outbox compares the exact
+payload bytes first (its fingerprint), and on a mismatch the API asks ``same_content``, which
+also takes an optional field sent as ``null`` and one left out as equal (docs/events.md: both
+mean "not given"). The payload itself always keeps the body as sent (CONTRACT §6).
+
+Other bodies a terminal posts (``POST /v1/print``) go through the same gates with
+``load_json``, ``check_transaction`` and ``validation_problems``, so they answer with the same
+codes.
+
 Rules that span fields (decimals per currency, total against lines, tenders against total,
 refunds naming their sale) run inside the models on the fields already found valid: they are
 skipped, not guessed at, when a field they depend on has its own problem. docs/events.md is
@@ -45,25 +54,36 @@ from pydantic_core import PydanticCustomError
 from agent.currencies import MINOR_UNITS
 
 __all__ = [
+    "CARD_MESSAGE",
     "KINDS",
     "MAX_DEPTH",
     "NAMESPACE",
     "Accepted",
     "Customer",
+    "Identifier",
     "InvalidEvent",
     "InventoryAdjustment",
     "Line",
     "Problem",
     "Tender",
     "Transaction",
+    "check_transaction",
+    "content_form",
     "dedupe_key",
+    "field_error",
     "find_card_numbers",
     "idempotency_key",
+    "json_type",
     "line_total",
+    "load_json",
     "outbox_payload",
     "parse_adjustment",
     "parse_transaction",
+    "same_content",
     "tendered",
+    "terminal_mismatch",
+    "text_check",
+    "validation_problems",
 ]
 
 KINDS = ("transaction", "inventory_adjustment")
@@ -144,6 +164,62 @@ def parse_transaction(body: bytes) -> Accepted:
 def parse_adjustment(body: bytes) -> Accepted:
     """Parse and check one inventory adjustment; raise InvalidEvent listing every problem."""
     return _parse(body, "inventory_adjustment", InventoryAdjustment, "adjustment_id")
+
+
+def load_json(body: bytes) -> dict[str, Any]:
+    """Run only the JSON gate: return the one object in ``body``, or raise InvalidEvent."""
+    return _load(body)
+
+
+def check_transaction(data: dict[str, Any]) -> Accepted:
+    """Check a transaction already read by ``load_json`` (e.g. one inside a print request)."""
+    return _accept(data, "transaction", Transaction, "transaction_id")
+
+
+def validation_problems(err: ValidationError, *, unknown_hint: str = "put vendor-specific"
+                        " data in custom_fields") -> list[Problem]:
+    """Turn a model's ValidationError into Problems with this module's detail codes."""
+    return [_problem(e, unknown_hint) for e in err.errors()]
+
+
+def terminal_mismatch(token_terminal: str, sent: str, field: str = "terminal_id"
+                      ) -> tuple[str, list[dict[str, str]]]:
+    """Return the message and details of a ``403 terminal_mismatch`` (CONTRACT §4)."""
+    return (f"this token belongs to terminal {token_terminal}, not {sent}",
+            [{"field": field, "code": "terminal_mismatch", "message": f"must be {token_terminal}"}])
+
+
+def same_content(stored: bytes, new: bytes) -> bool:
+    """Tell whether two outbox payloads of one event id hold the same content.
+
+    Equal bytes are the same content. Otherwise both are compared in their ``content_form``:
+    in a valid event ``null`` can only be the value of an optional field, where it means "not
+    given" just as leaving the field out does, so a till whose serializer writes
+    ``"original_transaction_id": null`` one time and leaves it out the next resends the same
+    sale. Any other difference (a value, a type: ``1`` vs ``1.0`` vs ``true``) still differs.
+    A payload that is not JSON is never the same as another.
+    """
+    if stored == new:
+        return True
+    try:
+        return content_form(stored) == content_form(new)
+    except (ValueError, RecursionError):
+        return False
+
+
+def content_form(payload: bytes) -> bytes:
+    """Return a payload's JSON value without null object members, sorted and compact."""
+    value = _without_nulls(json.loads(payload))
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def idempotency_key(store_id: str, kind: str, terminal_id: str, object_id: str) -> str:
@@ -451,6 +527,21 @@ def _card_problems(data: dict[str, Any]) -> list[Problem]:
 def _error(code: str, message: str) -> PydanticCustomError:
     # The text goes in through the context, so braces in a sent value are never a template.
     return PydanticCustomError(code, "{detail}", {"detail": message})
+
+
+def field_error(code: str, message: str) -> PydanticCustomError:
+    """Return the error a field validator raises: ``code`` becomes the detail's code."""
+    return _error(code, message)
+
+
+def json_type(value: Any) -> str:
+    """Name a JSON value's type for a message ("null", "a string", "the number 5" …)."""
+    return _json_type(value)
+
+
+def text_check(max_chars: int, *, lines: bool = False) -> Callable[[Any], str]:
+    """Return the check of a text field: a string, at most ``max_chars``, no control characters."""
+    return _text(max_chars, lines=lines)
 
 
 def _json_type(value: Any) -> str:
@@ -851,14 +942,17 @@ def tendered(tenders: list[Tender]) -> Decimal:
 
 
 def _parse(body: bytes, kind: str, model: type[_Event], id_field: str) -> Accepted:
-    data = _load(body)
+    return _accept(_load(body), kind, model, id_field)
+
+
+def _accept(data: dict[str, Any], kind: str, model: type[_Event], id_field: str) -> Accepted:
     cards = _card_problems(data)
     if cards:
         raise InvalidEvent("card_number_not_allowed", cards)
     try:
         model.model_validate(data, context=_validation_context(data))
     except ValidationError as err:
-        raise InvalidEvent("validation_failed", [_problem(e) for e in err.errors()]) from err
+        raise InvalidEvent("validation_failed", validation_problems(err)) from err
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                            allow_nan=False).encode()
     return Accepted(kind=kind, terminal_id=data["terminal_id"], object_id=data[id_field],
@@ -877,7 +971,8 @@ _EXPECTED = {"model_type": "an object", "model_attributes_type": "an object",
              "dict_type": "an object", "list_type": "an array"}
 
 
-def _problem(error: Any) -> Problem:
+def _problem(error: Any, unknown_hint: str = "put vendor-specific data in custom_fields"
+             ) -> Problem:
     loc = tuple(error["loc"])
     if len(loc) >= 2 and loc[-1] == "[key]":  # a bad custom field name: report the name
         loc = loc[:-1]
@@ -887,7 +982,7 @@ def _problem(error: Any) -> Problem:
         return Problem(field, "required", "is required")
     if kind == "extra_forbidden":
         return Problem(field, "unknown_field", f"{_show(str(loc[-1]))} is not a field here;"
-                       " put vendor-specific data in custom_fields")
+                       f" {unknown_hint}")
     if kind in _EXPECTED:
         return Problem(field, "wrong_type",
                        f"must be {_EXPECTED[kind]}, not {_json_type(error.get('input'))}")

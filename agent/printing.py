@@ -36,7 +36,9 @@ cannot take them back); and if the agent dies between sending a job and recordin
 the outbox makes that job pending again and it prints a second time after the restart.
 
 A ``transaction_id`` is looked up among the transactions *this* terminal posted (its dedupe key
-``transaction/<terminal>/<id>``) by :class:`TransactionIndex`, through the store's public reads.
+``transaction/<terminal>/<id>``) by :class:`TransactionIndex`, through the store's public reads;
+an inline ``transaction`` must carry this terminal's ``terminal_id`` (``check_terminal``), as a
+posted one must (CONTRACT §4).
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError
 
 from agent import canonical
-from agent.canonical import CARD_MESSAGE, InvalidEvent
+from agent.canonical import CARD_MESSAGE, Identifier, InvalidEvent, Problem
 from agent.errors import RequestError
 from drivers.base import DeviceError, DeviceRefused, DeviceState, DeviceUnavailable
 from drivers.escpos.commands import Encoder
@@ -99,6 +103,7 @@ INDEX_CAP = 100_000
 PRINTER_PATTERN = r"[A-Za-z0-9._-]{1,64}"  # a [[devices]] name
 FIELDS = ("printer", "transaction_id", "transaction", "lines", "job_id", "copies",
           "expires_in_s")
+SOURCES = ("transaction_id", "transaction", "lines")
 
 
 def sink_name(printer: str) -> str:
@@ -110,12 +115,9 @@ class PrintRequestError(RequestError):
     """A refused print request: HTTP status, snake_case code, message, optional details."""
 
 
-def _invalid(problems: list[tuple[str, str, str]],
-             code: str = "validation_failed") -> PrintRequestError:
-    shown = "; ".join(f"{f or 'body'}: {m}" for f, _, m in problems[:3])
-    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    return PrintRequestError(422, code, shown + more,
-                             [{"field": f, "code": c, "message": m} for f, c, m in problems])
+def _refused(err: InvalidEvent) -> PrintRequestError:
+    details = [{"field": p.field, "code": p.code, "message": p.message} for p in err.problems]
+    return PrintRequestError(422, err.code, err.message, details)
 
 
 # -- the request ------------------------------------------------------------------------------
@@ -134,106 +136,141 @@ class PrintRequest:
     lines: tuple[str, ...] | None = None
 
 
+_PRINTER = re.compile(PRINTER_PATTERN)
+
+
+def _printer_name(value: Any) -> str:
+    text = canonical.text_check(64)(value)
+    if not _PRINTER.fullmatch(text):
+        raise canonical.field_error("invalid_format", "must be the name of a printer in"
+                                    " [[devices]]: 1 to 64 of A-Z a-z 0-9 . _ -")
+    return text
+
+
+def _copies(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise canonical.field_error("wrong_type",
+                                    f"must be an integer, not {canonical.json_type(value)}")
+    if not 1 <= value <= MAX_COPIES:
+        raise canonical.field_error("out_of_range", f"must be an integer from 1 to {MAX_COPIES}")
+    return int(value)
+
+
+def _expires_in_s(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise canonical.field_error("wrong_type", f"must be a number of seconds, not"
+                                    f" {canonical.json_type(value)}")
+    if not 1 <= value <= MAX_EXPIRES_IN_S:
+        raise canonical.field_error("out_of_range", f"must be a number of seconds from 1 to"
+                                    f" {MAX_EXPIRES_IN_S}")
+    return float(value)
+
+
+def _at_most_max_lines(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > MAX_LINES:
+        raise canonical.field_error("too_many", f"has {len(value)} lines; at most {MAX_LINES}")
+    return value
+
+
+PrinterName = Annotated[str, PlainValidator(_printer_name)]
+Copies = Annotated[int, PlainValidator(_copies)]
+Seconds = Annotated[float, PlainValidator(_expires_in_s)]
+# A line is text like a sale's description: no control characters (an ESC, GS or DLE would be
+# a printer command), one list entry per printed line.
+TextLine = Annotated[str, PlainValidator(canonical.text_check(MAX_LINE_CHARS))]
+TextLines = Annotated[list[TextLine], BeforeValidator(_at_most_max_lines), Field(min_length=1)]
+
+
+class _PrintBody(BaseModel):
+    """The fields of a print request; the inline transaction is checked as a §5 event."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    printer: PrinterName
+    transaction_id: Identifier | None = None
+    transaction: dict[str, Any] | None = None
+    lines: TextLines | None = None
+    job_id: Identifier | None = None
+    copies: Copies | None = None
+    expires_in_s: Seconds | None = None
+
+
 def parse_print_request(body: bytes) -> PrintRequest:
-    """Check a ``POST /v1/print`` body; raise PrintRequestError (422) listing every problem."""
+    """Check a ``POST /v1/print`` body; raise PrintRequestError (422) listing every problem.
+
+    The body passes the gates of a posted event (``agent.canonical``), in the same order and
+    with the same codes (docs/events.md, "Errors"): ``invalid_json``, then
+    ``card_number_not_allowed`` (anywhere, the inline transaction read as a sale is), then
+    ``validation_failed`` with one detail per bad field, an inline transaction's fields
+    prefixed with ``transaction.``. The one detail code of its own is ``one_source``. As in
+    an event, an optional field sent as null is not given.
+    """
     try:
-        data = json.loads(body, object_pairs_hook=_no_duplicates,
-                          parse_constant=_no_constant)
-    except (ValueError, RecursionError) as err:
-        raise _invalid([("", "invalid_json", f"not valid JSON: {err}")], "invalid_json") from None
-    if not isinstance(data, dict):
-        raise _invalid([("", "type", "must be a JSON object")])
-    problems: list[tuple[str, str, str]] = []
-    for key in data:
-        if key not in FIELDS:
-            problems.append((key, "unknown_field", f"unknown field; known: {', '.join(FIELDS)}"))
-    printer = data.get("printer")
-    if not _is_id(printer, PRINTER_PATTERN):
-        problems.append(("printer", "required" if printer is None else "invalid",
-                         "must be the name of a printer in [[devices]]"))
-    job_id = data.get("job_id")
-    if job_id is not None and not _is_id(job_id):
-        problems.append(("job_id", "invalid", "must match [A-Za-z0-9._:-]{1,64}"))
-    copies = data.get("copies", 1)
-    if not _is_int(copies) or not 1 <= copies <= MAX_COPIES:
-        problems.append(("copies", "out_of_range", f"must be an integer from 1 to {MAX_COPIES}"))
-    expires = data.get("expires_in_s", DEFAULT_EXPIRES_IN_S)
-    if (not isinstance(expires, int | float) or isinstance(expires, bool)
-            or not 1 <= expires <= MAX_EXPIRES_IN_S):
-        problems.append(("expires_in_s", "out_of_range",
-                         f"must be a number of seconds from 1 to {MAX_EXPIRES_IN_S}"))
-    sources = [k for k in ("transaction_id", "transaction", "lines") if k in data]
-    if len(sources) != 1:
-        problems.append(("", "one_source", "give exactly one of transaction_id, transaction "
-                         f"and lines (got {', '.join(sources) or 'none'})"))
-    txn_id = data.get("transaction_id")
-    if "transaction_id" in data and not _is_id(txn_id):
-        problems.append(("transaction_id", "invalid", "must match [A-Za-z0-9._:-]{1,64}"))
-    ids = {k: data[k] for k in ("job_id", "transaction_id") if isinstance(data.get(k), str)}
-    problems += [(path, "card_number", CARD_MESSAGE) for path in canonical.find_card_numbers(ids)]
-    lines = data.get("lines")
-    if "lines" in data:
-        problems += _line_problems(lines)
-    transaction = None
-    if "transaction" in data and not problems:
-        transaction = _check_transaction(data["transaction"])
-    if problems:
-        cards = any(code == "card_number" for _, code, _ in problems)
-        raise _invalid(problems, "card_number_not_allowed" if cards else "validation_failed")
-    return PrintRequest(str(printer), job_id, int(copies), float(expires),
-                        transaction_id=txn_id, transaction=transaction,
-                        lines=tuple(lines) if lines is not None else None)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _is_id(value: Any, pattern: str = canonical.ID_PATTERN) -> bool:
-    return isinstance(value, str) and re.fullmatch(pattern, value) is not None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _line_problems(lines: Any) -> list[tuple[str, str, str]]:
-    if not isinstance(lines, list) or not 1 <= len(lines) <= MAX_LINES:
-        return [("lines", "invalid", f"must be a list of 1 to {MAX_LINES} strings")]
-    problems = []
-    for i, line in enumerate(lines):
-        if not isinstance(line, str) or len(line) > MAX_LINE_CHARS:
-            problems.append((f"lines[{i}]", "invalid",
-                             f"must be a string of at most {MAX_LINE_CHARS} characters"))
-        elif any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in line):
-            # ESC, GS and DLE would be printer commands: a text line must not carry them.
-            problems.append((f"lines[{i}]", "control_character",
-                             "must not hold control characters (one list entry per line)"))
-    if not problems:
-        # Printed text is stored in the outbox like a sale: no card numbers in it either.
-        problems = [(path, "card_number", CARD_MESSAGE)
-                    for path in canonical.find_card_numbers(lines, "lines")]
-    return problems
-
-
-def _check_transaction(value: Any) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise _invalid([("transaction", "type", "must be a transaction object (CONTRACT §5)")])
-    try:
-        accepted = canonical.parse_transaction(json.dumps(value, ensure_ascii=False).encode())
+        data = canonical.load_json(body)
     except InvalidEvent as err:
-        raise _invalid([(_join("transaction", p.field), p.code, p.message)
-                        for p in err.problems], err.code) from None
-    return accepted.data
+        raise _refused(err) from None
+    cards = _card_paths(data)
+    if cards:
+        raise _refused(InvalidEvent("card_number_not_allowed",
+                                    [Problem(path, "card_number", CARD_MESSAGE)
+                                     for path in cards]))
+    problems: list[Problem] = []
+    checked: _PrintBody | None = None
+    try:
+        checked = _PrintBody.model_validate(data)
+    except ValidationError as err:
+        hint = f"the fields are {', '.join(FIELDS)}"
+        problems += canonical.validation_problems(err, unknown_hint=hint)
+    sources = [k for k in SOURCES if data.get(k) is not None]
+    if len(sources) != 1:
+        problems.append(Problem("", "one_source", "give exactly one of transaction_id,"
+                                f" transaction and lines (got {', '.join(sources) or 'none'})"))
+    transaction = None
+    inline = data.get("transaction")
+    if isinstance(inline, dict):
+        try:
+            transaction = canonical.check_transaction(inline).data
+        except InvalidEvent as err:
+            problems += [Problem(_join("transaction", p.field), p.code, p.message)
+                         for p in err.problems]
+    if problems or checked is None:
+        raise _refused(InvalidEvent("validation_failed", problems))
+    return PrintRequest(checked.printer, checked.job_id,
+                        1 if checked.copies is None else checked.copies,
+                        DEFAULT_EXPIRES_IN_S if checked.expires_in_s is None
+                        else checked.expires_in_s,
+                        transaction_id=checked.transaction_id, transaction=transaction,
+                        lines=tuple(checked.lines) if checked.lines is not None else None)
+
+
+def _card_paths(data: dict[str, Any]) -> list[str]:
+    # The inline transaction is read on its own, as a posted sale is, so that its skus and
+    # ids get the same narrower readings (canonical.find_card_numbers); the rest of the body
+    # is read with it left out, keeping every other key's position.
+    paths = canonical.find_card_numbers({k: None if k == "transaction" else v
+                                         for k, v in data.items()})
+    if "transaction" in data:
+        inline = data["transaction"]
+        if isinstance(inline, dict):
+            paths += [_join("transaction", p) for p in canonical.find_card_numbers(inline)]
+        else:
+            paths += canonical.find_card_numbers(inline, "transaction")
+    return paths
+
+
+def check_terminal(request: PrintRequest, terminal_id: str) -> None:
+    """Refuse an inline transaction of another terminal: 403 ``terminal_mismatch``.
+
+    CONTRACT §4: a terminal token posts only for its own terminal_id. A ``transaction_id``
+    is already looked up among this terminal's own sales.
+    """
+    if request.transaction is None:
+        return
+    sent = str(request.transaction["terminal_id"])
+    if sent != terminal_id:
+        message, details = canonical.terminal_mismatch(terminal_id, sent,
+                                                       "transaction.terminal_id")
+        raise PrintRequestError(403, "terminal_mismatch", message, details)
 
 
 def _join(prefix: str, field: str) -> str:
@@ -418,7 +455,12 @@ def check_printer(manager: DeviceManager, printers: Mapping[str, Printer],
 def print_event(request: PrintRequest, *, store_id: str, terminal_id: str, printer: Printer,
                 store_name: str, transaction: Mapping[str, Any] | None,
                 now: float) -> tuple[str, NewEvent]:
-    """Build the outbox event of a checked request; returns (job_id, event)."""
+    """Build the outbox event of a checked request; returns (job_id, event).
+
+    PrintRequestError 403 ``terminal_mismatch`` when the request's inline transaction is
+    another terminal's (``check_terminal``).
+    """
+    check_terminal(request, terminal_id)
     job_id = request.job_id or uuid.uuid4().hex
     source: dict[str, str]
     if request.lines is not None:

@@ -32,6 +32,7 @@ from agent.canonical import (
     outbox_payload,
     parse_adjustment,
     parse_transaction,
+    same_content,
 )
 from agent.currencies import MINOR_UNITS
 
@@ -726,6 +727,58 @@ def test_the_outbox_payload_wraps_the_canonical_bytes_unchanged(store_id: str):
     payload = outbox_payload(store_id, accepted)
     assert json.loads(payload) == {"store_id": store_id, "kind": "transaction", "data": EXAMPLE}
     assert payload.endswith(b',"data":' + accepted.canonical + b"}")
+
+
+def _payload(data: dict[str, Any], store_id: str = "store-042") -> bytes:
+    return outbox_payload(store_id, parse_transaction(encode(data)))
+
+
+def _without(data: dict[str, Any], *path: Any) -> dict[str, Any]:
+    body = copy.deepcopy(data)
+    target = body
+    for step in path[:-1]:
+        target = target[step]
+    del target[path[-1]]
+    return body
+
+
+NULLABLE = copy.deepcopy(EXAMPLE)
+NULLABLE["customer"]["name"] = None
+NULLABLE["lines"][0]["tax_rate"] = None
+NULLABLE["tenders"][0]["reference"] = None
+
+
+@pytest.mark.parametrize("path", [
+    ("original_transaction_id",), ("customer", "name"), ("lines", 0, "tax_rate"),
+    ("tenders", 0, "reference"),
+])
+def test_an_optional_field_sent_as_null_and_left_out_is_the_same_content(path: tuple[Any]):
+    with_null, left_out = _payload(NULLABLE), _payload(_without(NULLABLE, *path))
+    assert with_null != left_out  # the payload keeps the body as sent
+    assert same_content(with_null, left_out) and same_content(left_out, with_null)
+
+
+@pytest.mark.parametrize("change", [
+    {"customer": {"id": "C-778", "email": "b@example.com"}},
+    {"custom_fields": {"gift_message": ""}},
+    {"custom_fields": {}},
+    {"customer": {}},
+])
+def test_any_other_difference_is_other_content(change: dict[str, Any]):
+    assert not same_content(_payload(EXAMPLE), _payload({**EXAMPLE, **change}))
+
+
+@pytest.mark.parametrize(("one", "other"), [(1, 1.0), (1, True), (0, False), ("1", 1)])
+def test_numbers_and_booleans_that_python_calls_equal_are_other_content(one: Any, other: Any):
+    first = _payload({**EXAMPLE, "custom_fields": {"n": one}})
+    second = _payload({**EXAMPLE, "custom_fields": {"n": other}})
+    assert not same_content(first, second)
+
+
+def test_the_store_and_unreadable_payloads_are_part_of_the_content():
+    assert not same_content(_payload(EXAMPLE), _payload(EXAMPLE, "store-043"))
+    assert not same_content(b"not json", _payload(EXAMPLE))
+    assert same_content(b"not json", b"not json")
 
 
 def test_the_models_describe_themselves_as_json_schema():

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -32,7 +34,7 @@ from tests.polling import until
 
 DRIVERS = {"escpos": EscposPrinterDriver}
 OPENAPI = json.loads(openapi_document())
-
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 
@@ -93,7 +95,7 @@ async def test_the_receipt_of_a_posted_transaction_prints_exactly_as_rendered(
 async def test_a_receipt_for_a_sale_not_posted_here_uses_the_layout_of_the_printer(
         start_agent: StartAgent, printer: EscposPrinterEmulator) -> None:
     agent = await start(start_agent, printer, extra="receipt_width_mm = 58")
-    txn = sale("T09", 3)
+    txn = sale("T01", 3)  # never posted to /v1/transactions; the terminal's own id
     code, body = await print_job(agent, transaction=txn)
     assert code == 202, body
     await printer.wait_for_jobs(1)
@@ -209,6 +211,119 @@ async def test_unknown_printer_other_terminals_transaction_and_bad_bodies_are_re
     await printer.wait_for_jobs(1)
     await asyncio.sleep(0.3)
     assert len(printer.jobs) == 1
+
+
+async def test_an_inline_transaction_of_another_terminal_is_refused_as_a_posted_one_is(
+        start_agent: StartAgent, printer: EscposPrinterEmulator) -> None:
+    """GIVEN T01's token WHEN it asks to print a receipt for a sale whose terminal_id is T02
+    THEN 403 terminal_mismatch, as POST /v1/transactions answers (CONTRACT §4: a terminal
+    token posts only for its own terminal_id); nothing is queued or printed. It was 202."""
+    agent = await start(start_agent, printer)
+    code, body = await print_job(agent, transaction=sale("T02", 5), job_id="J-T02")
+    assert code == 403, body
+    valid(body, "Error")
+    assert body["error"]["code"] == "terminal_mismatch"
+    assert body["error"]["details"] == [{"field": "transaction.terminal_id",
+                                         "code": "terminal_mismatch", "message": "must be T01"}]
+    code, posted = await agent.post("/v1/transactions", sale("T02", 5), who="T01")
+    assert code == 403 and posted["error"]["message"] == body["error"]["message"]
+    code, queued = await agent.get("/v1/outbox?sink=printer:receipt")
+    assert code == 200 and queued["deliveries"] == []
+    code, body = await print_job(agent, who="T02", transaction=sale("T02", 5))
+    assert code == 202, body  # its own terminal's sale
+    await printer.wait_for_jobs(1)
+    await asyncio.sleep(0.3)
+    assert len(printer.jobs) == 1
+
+
+def documented_codes() -> set[str]:
+    """Every `code` named in docs/events.md "Errors" and in the print section of devices.md."""
+    events = (DOCS / "events.md").read_text()
+    devices = (DOCS / "devices.md").read_text()
+    text = (events[events.index("## Errors"):events.index("## Examples")]
+            + devices[devices.index("### Printing receipts"):devices.index("## Barcode")])
+    return set(re.findall(r"`([a-z][a-z0-9_]*)`", text))
+
+
+BAD_JSON = [b'{"printer": ', b"\xff", b'["receipt"]', b'{"printer": "a", "printer": "b"}',
+            b'{"printer": NaN}', b'{"printer": "\\ud800"}']
+
+
+@pytest.mark.parametrize("raw", BAD_JSON)
+async def test_a_print_body_that_is_not_one_json_object_is_refused_as_an_event_is(
+        start_agent: StartAgent, raw: bytes) -> None:
+    """GIVEN bytes that are not one JSON object WHEN posted to /v1/print and to
+    /v1/transactions THEN the same 422 invalid_json with the same detail code (print said
+    "invalid_json" where the events say "syntax_error")."""
+    agent = await start_agent()
+    code, printed = await agent.post("/v1/print", raw)
+    assert code == 422, printed
+    code, posted = await agent.post("/v1/transactions", raw)
+    assert code == 422
+    assert printed["error"]["code"] == posted["error"]["code"] == "invalid_json"
+    assert printed["error"]["details"] == posted["error"]["details"]
+    assert printed["error"]["details"][0]["code"] in documented_codes()
+
+
+def _print(**fields: Any) -> dict[str, Any]:
+    return {"printer": "receipt", **fields}
+
+
+@pytest.mark.parametrize(("body", "code", "problems"), [
+    (_print(lines=["\x1b@"]), "validation_failed", [("lines[0]", "invalid_format")]),
+    (_print(lines=["x" * 1001]), "validation_failed", [("lines[0]", "too_long")]),
+    (_print(lines=[5]), "validation_failed", [("lines[0]", "wrong_type")]),
+    (_print(lines="x"), "validation_failed", [("lines", "wrong_type")]),
+    (_print(lines=[]), "validation_failed", [("lines", "empty")]),
+    (_print(lines=["x"] * 501), "validation_failed", [("lines", "too_many")]),
+    ({"printer": "the receipt", "lines": ["x"]}, "validation_failed",
+     [("printer", "invalid_format")]),
+    ({"printer": 7, "lines": ["x"]}, "validation_failed", [("printer", "wrong_type")]),
+    ({"lines": ["x"]}, "validation_failed", [("printer", "required")]),
+    (_print(lines=["x"], job_id="a/b"), "validation_failed", [("job_id", "invalid_format")]),
+    (_print(transaction_id=7), "validation_failed", [("transaction_id", "wrong_type")]),
+    (_print(lines=["x"], copies=1.5), "validation_failed", [("copies", "wrong_type")]),
+    (_print(lines=["x"], copies=11), "validation_failed", [("copies", "out_of_range")]),
+    (_print(lines=["x"], expires_in_s="600"), "validation_failed",
+     [("expires_in_s", "wrong_type")]),
+    (_print(lines=["x"], expires_in_s=0), "validation_failed",
+     [("expires_in_s", "out_of_range")]),
+    (_print(lines=["x"], colour="red"), "validation_failed", [("colour", "unknown_field")]),
+    (_print(), "validation_failed", [("", "one_source")]),
+    (_print(lines=["x"], transaction_id="T01-1"), "validation_failed", [("", "one_source")]),
+    (_print(transaction="T01-1"), "validation_failed", [("transaction", "wrong_type")]),
+    (_print(transaction={**sale(), "total": "9.99"}), "validation_failed",
+     [("transaction.total", "total_mismatch")]),
+    (_print(transaction={**sale(), "currency": "EURO"}, copies=0), "validation_failed",
+     [("copies", "out_of_range"), ("transaction.currency", "unknown_currency")]),
+    (_print(lines=["4111 1111 1111 1111"]), "card_number_not_allowed",
+     [("lines[0]", "card_number")]),
+    (_print(transaction=sale(custom_fields={"c": "4111111111111111"})),
+     "card_number_not_allowed", [("transaction.custom_fields.c", "card_number")]),
+])
+async def test_print_refusals_use_the_documented_codes_of_the_event_endpoints(
+        start_agent: StartAgent, body: dict[str, Any], code: str,
+        problems: list[tuple[str, str]]) -> None:
+    """GIVEN a print body breaking one rule WHEN posted THEN 422 with the code and detail
+    codes the event endpoints use (docs/events.md), "one_source" documented with print in
+    docs/devices.md; print had its own "invalid" and "control_character"."""
+    agent = await start_agent()
+    status, answer = await agent.post("/v1/print", body)
+    assert status == 422, answer
+    valid(answer, "Error")
+    assert answer["error"]["code"] == code
+    found = [(d["field"], d["code"]) for d in answer["error"]["details"]]
+    assert found == problems
+    assert {c for _, c in found} | {code} <= documented_codes()
+    assert "4111" not in json.dumps(answer)
+
+
+async def test_a_print_field_sent_as_null_is_not_given(start_agent: StartAgent) -> None:
+    agent = await start_agent()  # no printer: a body that passes the checks finds none
+    code, body = await agent.post("/v1/print", _print(
+        lines=["x"], transaction_id=None, transaction=None, job_id=None, copies=None,
+        expires_in_s=None))
+    assert code == 404 and body["error"]["code"] == "printer_not_found", body
 
 
 async def test_a_disabled_printer_refuses_jobs(
