@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import ctypes
 import json
 import os
 import statistics
@@ -43,6 +44,10 @@ PURGE_ENV = "TILLSYNC_SOAK_PURGE_INTERVAL_S"
 # seconds to "<prefix>.<seconds since start>": which Python allocations grow, if any.
 TRACE_ENV = "TILLSYNC_SOAK_TRACE"
 TRACE_EVERY_S = 60.0
+# Set to a CSV path, the agent also logs SQLite's and glibc malloc's own memory figures every
+# MEMORY_EVERY_S seconds: whose memory a growing RssAnon is.
+MEMORY_ENV = "TILLSYNC_SOAK_MEMORY"
+MEMORY_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -327,6 +332,9 @@ def run_agent(argv: Sequence[str]) -> int:
     trace = os.environ.get(TRACE_ENV)
     if trace:
         trace_allocations(trace)
+    memory = os.environ.get(MEMORY_ENV)
+    if memory:
+        sample_memory(Path(memory))
     interval = os.environ.get(PURGE_ENV)
     if interval:
         # Read by Agent._scheduler_ctx when it adds the job, i.e. after this assignment.
@@ -354,6 +362,62 @@ def trace_allocations(prefix: str) -> None:
             tracemalloc.take_snapshot().dump(f"{prefix}.{age:05d}")
 
     threading.Thread(target=dump, name="soak-tracemalloc", daemon=True).start()
+
+
+class _MallInfo2(ctypes.Structure):
+    # glibc's struct mallinfo2 (2.33+): size_t fields, so no 2 GB wrap like mallinfo().
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+MEMORY_COLUMNS = ("t", "rss_anon_kB", "sqlite_used", "sqlite_highwater", "sqlite_pagecache",
+                  "malloc_arena", "malloc_mmap", "malloc_in_use", "malloc_free", "py_blocks")
+
+
+def sample_memory(path: Path) -> None:
+    """Log, every ``MEMORY_EVERY_S`` seconds, who holds the agent's heap, to a CSV at ``path``.
+
+    * ``sqlite_used``/``sqlite_highwater``: ``sqlite3_status64(SQLITE_STATUS_MEMORY_USED)``,
+      every byte SQLite has malloc'ed (page caches, schemas, statements) across connections;
+      ``sqlite_pagecache``: its page-cache overflow, the page caches alone (no
+      ``SQLITE_CONFIG_PAGECACHE`` buffer is set, so all of them overflow to malloc).
+    * ``malloc_*``: glibc's ``mallinfo2()``: bytes the main arena got from ``brk``, bytes in
+      ``mmap``ed chunks, bytes in use and bytes free inside the arenas (fragmentation).
+    * ``py_blocks``: ``sys.getallocatedblocks()``, Python objects alive.
+
+    Reads the same ``libsqlite3.so.0`` the ``sqlite3`` module is linked to, from a daemon
+    thread; the figures are process-wide and cost microseconds to read.
+    """
+    import threading
+
+    sqlite = ctypes.CDLL("libsqlite3.so.0")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    memory_used, pagecache_overflow = 0, 2  # SQLITE_STATUS_MEMORY_USED, _PAGECACHE_OVERFLOW
+    started = time.monotonic()
+
+    def status(op: int) -> tuple[int, int]:
+        current, highwater = ctypes.c_int64(), ctypes.c_int64()
+        sqlite.sqlite3_status64(op, ctypes.byref(current), ctypes.byref(highwater), 0)
+        return current.value, highwater.value
+
+    def log() -> None:
+        with path.open("w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(MEMORY_COLUMNS)
+            while True:
+                used, highwater = status(memory_used)
+                info = libc.mallinfo2()
+                _, anon_mb, _ = proc_status(os.getpid())
+                writer.writerow((round(time.monotonic() - started, 1), round(anon_mb * 1e3),
+                                 used, highwater,
+                                 status(pagecache_overflow)[0], info.arena, info.hblkhd,
+                                 info.uordblks, info.fordblks, sys.getallocatedblocks()))
+                out.flush()
+                time.sleep(MEMORY_EVERY_S)
+
+    threading.Thread(target=log, name="soak-memory", daemon=True).start()
 
 
 if __name__ == "__main__":
