@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -147,6 +148,11 @@ class Outbox:
         keyring = KeyRing(load_key_file(key_file), key_file)
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            # Payloads are sealed, but event ids, streams and dedupe keys (transaction ids)
+            # are not: owner-only, like the key, whatever the umask (the unit sets 0077; a
+            # shell's 022 made it 0644). SQLite gives -wal and -shm the database's mode.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         try:
             conn = await connect(path, durability, max_db_bytes)
         except sqlite3.Error as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import subprocess
 import sys
@@ -452,6 +453,22 @@ async def test_sqlite_page_limit_raises_outbox_full_with_data_intact(open_store:
 
 
 # -- opening: pragmas, schema, corruption --------------------------------------------------
+
+
+async def test_a_new_database_and_its_wal_are_readable_by_the_owner_only(tmp_path: Path):
+    """Dedupe keys hold transaction ids in plaintext; a shell's umask 022 made the files
+    0644 (the service's UMask=0077 did not, but `tillsync run` by hand did)."""
+    old_umask = os.umask(0o022)
+    try:
+        store = await Outbox.open(tmp_path / "outbox.db", tmp_path / "outbox.key",
+                                  create_key=True)
+        await store.append(event("T01", 1))
+        modes = {name: (tmp_path / name).stat().st_mode & 0o777
+                 for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm")}
+        await store.close()
+    finally:
+        os.umask(old_umask)
+    assert modes == dict.fromkeys(modes, 0o600)
 
 
 async def test_a_directory_as_the_database_path_is_refused_by_name(tmp_path: Path):
