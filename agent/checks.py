@@ -1,10 +1,12 @@
 """``tillsync check``: is this machine ready to run the agent? One line per check.
 
 Every check only looks: the database is opened read-only (the agent may be running and the
-outbox has a single writer), sinks get one ``HEAD`` request without credentials, and the
-listen address is bound and released at once. A ``FAIL`` line says what, why and what to do;
-``warn`` is worth a look but does not stop the agent; the exit status is 1 when anything
-failed.
+outbox has a single writer), the outbox directory gets a temporary file created and removed
+at once, sinks get one ``HEAD`` request with the credentials the agent would send (so a
+refused token shows here, not as a paused sink later), and the listen address is bound and
+released at once. A ``FAIL`` line says what, why and what to do, and means `tillsync run`
+would fail or not deliver; ``warn`` is worth a look but does not stop the agent; the exit
+status is 1 when anything failed.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import shutil
 import socket
 import sqlite3
 import ssl
+import stat
 import sys
+import tempfile
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -29,12 +34,12 @@ import aiohttp
 from rich.console import Console
 from rich.text import Text
 
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import AgentConfig, ConfigError, inline_secrets, load_config
 from drivers.base import DeviceError, load_drivers
 from outbox import schema
 from outbox.crypto import KeyRing, load_key_file
 from outbox.errors import KeyFileError, OutboxCorrupt
-from outbox.sinks.webhook import USER_AGENT, tls_context
+from outbox.sinks.webhook import USER_AGENT, signature, tls_context
 
 Level = Literal["ok", "warn", "FAIL", "skip"]
 LEVEL_STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "skip": "dim"}
@@ -43,6 +48,14 @@ LOW_DISK_BYTES = 1 << 30  # under this much free space the outbox may soon refus
 CLOCK_FAIL_S = 300.0  # webhook signatures are refused beyond 5 min of skew
 CLOCK_WARN_S = 30.0
 NAME_WIDTH = 12
+# What the agent does on these answers (CONTRACT §6): pause the sink until someone fixes the
+# credentials. 404 and 405 pause it too, but a probe's HEAD often gets them from an endpoint
+# that takes POSTs, so they stay "reachable" here.
+# 401 and 407 can only mean the credentials. A 403 may also be a gateway refusing a method
+# the route does not take (AWS API Gateway answers HEAD on a POST-only route with 403
+# "Missing Authentication Token"), so it is a warning: check cannot tell the two apart.
+REFUSED_CREDENTIALS = frozenset({401, 407})
+MAYBE_REFUSED = 403
 
 
 @dataclass(frozen=True)
@@ -75,11 +88,10 @@ async def run_checks(config_path: Path, *, console: Console, timeout_s: float = 
     try:
         config = load_config(config_path)
     except ConfigError as err:
-        for problem in err.problems:
-            report(Check("FAIL", "config", problem))
-        report(Check("FAIL", "config", f"fix {config_path}, then run `tillsync check` again"))
+        for check in config_failures(config_path, err):
+            report(check)
         return 1
-    report(Check("ok", "config", str(config_path)))
+    report(check_config_file(config_path))
 
     key_ok = check_key(config)
     report(key_ok)
@@ -87,9 +99,11 @@ async def run_checks(config_path: Path, *, console: Console, timeout_s: float = 
                                    config.outbox.key_file, key_usable=key_ok.level == "ok"))
     report(check_outbox_dir(config.outbox.path))
 
+    settings = [sink.settings() for sink in config.sinks]
     probes = await asyncio.gather(*(
-        probe_sink(sink.name, sink.url, sink.ca_bundle, timeout_s=timeout_s)
-        for sink in config.sinks))
+        probe_sink(sink.name, sink.url, sink.ca_bundle, timeout_s=timeout_s,
+                   token=setting.token, signing_secret=setting.signing_secret)
+        for sink, setting in zip(config.sinks, settings, strict=True)))
     for probe in probes:
         report(probe.check)
     report(check_clock(config, probes))
@@ -132,12 +146,76 @@ def _line(check: Check) -> Text:
     return line
 
 
+# -- config file --------------------------------------------------------------------------
+
+
+def config_failures(path: Path, err: ConfigError) -> list[Check]:
+    """One FAIL line per problem; the first also says what to do (unless it already does)."""
+    advice = " — fix it, then run `tillsync check` again" if path.exists() else ""
+    return [Check("FAIL", "config", problem + (advice if index == 0 else ""))
+            for index, problem in enumerate(err.problems)]
+
+
+def check_config_file(path: Path) -> Check:
+    """Warn when a config file holding inline secrets can be read by more than its users.
+
+    Its readers should be root and the service user only (docs/config.md). The installer's
+    ``root:<service user> 0640`` is fine: a group whose only member (besides the owner and
+    root) is one user is taken as that service user's own group.
+    """
+    if sys.platform == "win32":  # ACLs, set by the MSI; POSIX modes mean nothing there
+        return Check("ok", "config", str(path))
+    try:
+        st = path.stat()
+        readers = _other_readers(st)
+        secrets = inline_secrets(tomllib.loads(path.read_text(encoding="utf-8-sig"))) \
+            if readers else []
+    except (OSError, ValueError):
+        return Check("ok", "config", str(path))  # it loaded; only the mode is unknown
+    if not secrets:
+        return Check("ok", "config", str(path))
+    shown = ", ".join(secrets[:3]) + (f" and {len(secrets) - 3} more" if len(secrets) > 3
+                                      else "")
+    return Check("warn", "config", f"{path}: readable by {readers} (mode"
+                 f" {stat.S_IMODE(st.st_mode):04o}) and holds secrets inline ({shown}) — run:"
+                 f" chmod 600 {path} (or chown root:<service user> and chmod 640), or give"
+                 " them as <key>_file or \"${ENV_VAR}\"")
+
+
+def _other_readers(st: os.stat_result) -> str:
+    """Who besides the owner, root and the service user can read the file; "" if nobody."""
+    if st.st_mode & stat.S_IROTH:
+        return "other users"
+    if not st.st_mode & stat.S_IRGRP:
+        return ""
+    import grp
+    import pwd
+
+    try:
+        group = grp.getgrgid(st.st_gid)
+    except KeyError:
+        return f"group {st.st_gid}"
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    members = set(group.gr_mem) | {user.pw_name for user in pwd.getpwall()
+                                   if user.pw_gid == st.st_gid}
+    members -= {"root", owner}
+    if len(members) <= 1:
+        return ""  # the service user's own group, as the installer sets it
+    return f"group {group.gr_name} ({len(members)} users)"
+
+
 # -- key and database ---------------------------------------------------------------------
 
 
 def check_key(config: AgentConfig) -> Check:
     """Check the key file exists, is private to its owner and holds a 32-byte key."""
     key_file, db = config.outbox.key_file, config.outbox.path
+    if key_file.is_dir():
+        return Check("FAIL", "key", f"{key_file}: is a directory, not a key file — set"
+                     " outbox.key_file to the file holding the key")
     if not key_file.exists() and _db_exists(db):
         return Check("FAIL", "key", f"{key_file}: missing, but the database {db} exists: a new"
                      " key would orphan its queue — restore the key file from backup; do not"
@@ -145,8 +223,7 @@ def check_key(config: AgentConfig) -> Check:
     try:
         load_key_file(key_file)
     except KeyFileError as err:
-        return Check("FAIL", "key", f"{_strip_prefix(str(err), key_file)} — {err.hint}"
-                     if err.hint else _strip_prefix(str(err), key_file))
+        return Check("FAIL", "key", _strip_prefix(describe_key_error(err, db), key_file))
     except OSError as err:
         return Check("FAIL", "key", f"{key_file}: cannot read it ({err.strerror}) — run the"
                      " check as root or as the agent's service user")
@@ -154,9 +231,35 @@ def check_key(config: AgentConfig) -> Check:
     return Check("ok", "key", f"{key_file}{mode}")
 
 
+def describe_key_error(err: KeyFileError, db: Path | None) -> str:
+    """One line for a key file problem: what, why, what to do (``check`` and ``run``).
+
+    It names the setting, ``outbox.key_file``. Never advises a new key while a database
+    exists: it was written with the old one.
+    """
+    path = err.path
+    if path.is_dir():
+        return (f"outbox.key_file {path}: is a directory, not a key file — set"
+                " outbox.key_file to the file holding the key")
+    what = "outbox.key_file " + str(err).removeprefix("key file ")
+    if err.hint:
+        return f"{what} — {err.hint}"
+    try:
+        if path.stat().st_size == 0:
+            what = f"outbox.key_file {path}: is empty"
+    except OSError:
+        pass
+    if db is not None and _db_exists(db):
+        return (f"{what} — restore the key file from backup; do not make a new key: the"
+                f" database {db} can only be read with the key it was written with")
+    return (f"{what} — restore the key file from backup (it holds 32 random bytes, base64,"
+            " as `tillsync init` writes it)")
+
+
 def _strip_prefix(message: str, key_file: Path) -> str:
-    # KeyFileError says "key file PATH: why"; the line already says "key".
-    return message.removeprefix("key file ")
+    # The message says "key file PATH: why" or "outbox.key_file PATH: why"; the line already
+    # says "key".
+    return message.removeprefix("key file ").removeprefix("outbox.key_file ")
 
 
 def _db_exists(db: Path) -> bool:
@@ -230,6 +333,14 @@ def check_outbox_dir(db: Path) -> Check:
     if not os.access(existing, os.W_OK | os.X_OK):
         return Check("FAIL", "outbox dir", f"{existing} is not writable by this user — run the"
                      " check as the agent's service user, or chown the directory to it")
+    # os.access only reads the mode bits: a read-only mount, /proc or a full inode table say
+    # yes there, and only creating something tells. The agent creates <path>.lock first.
+    creates = "files" if existing == directory else "directories"
+    problem = _try_create_blocking(existing, directory=existing != directory)
+    if problem is not None:
+        return Check("FAIL", "outbox dir", f"{existing}: cannot create {creates} there"
+                     f" ({problem}), so `tillsync run` would fail — set outbox.path to a file"
+                     " in a directory on a writable disk, e.g. /var/lib/tillsync/outbox.db")
     try:
         free = shutil.disk_usage(existing).free
     except OSError as err:
@@ -242,6 +353,21 @@ def check_outbox_dir(db: Path) -> Check:
     return Check("ok", "outbox dir", f"{directory}{note} writable, {_gib(free)} free")
 
 
+def _try_create_blocking(where: Path, *, directory: bool) -> str | None:
+    """Create and remove a temporary file (or directory) in ``where``; why not, or None."""
+    try:
+        if directory:
+            os.rmdir(tempfile.mkdtemp(prefix=".tillsync-check-", dir=where))
+        else:
+            fd, name = tempfile.mkstemp(prefix=".tillsync-check-", dir=where)
+            os.close(fd)
+            os.unlink(name)
+    except OSError as err:
+        why = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+        return why[:1].lower() + why[1:]
+    return None
+
+
 def _gib(size: int) -> str:
     return f"{size / (1 << 30):.1f} GiB"
 
@@ -250,8 +376,13 @@ def _gib(size: int) -> str:
 
 
 async def probe_sink(name: str, url: str, ca_bundle: Path | str | None, *,
-                     timeout_s: float) -> SinkProbe:
-    """Send one HEAD to the sink's URL: any HTTP answer means it is reachable."""
+                     timeout_s: float, token: str | None = None,
+                     signing_secret: str | None = None) -> SinkProbe:
+    """Send one HEAD to the sink's URL, with the sink's credentials.
+
+    Any HTTP answer means it is reachable, except a refusal of the credentials (401, 407):
+    the agent would pause the sink, so that fails. A 403 warns (see ``MAYBE_REFUSED``).
+    """
     label = f"sink {name}"
     parts = urlsplit(url)
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
@@ -265,11 +396,16 @@ async def probe_sink(name: str, url: str, ca_bundle: Path | str | None, *,
                                f" ({getattr(err, 'strerror', None) or err}) — fix the path"))
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     connector = aiohttp.TCPConnector(ssl=context, force_close=True)
+    # The headers a delivery carries, so the sink judges the same credentials.
+    headers = {"User-Agent": USER_AGENT}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if signing_secret:  # over the empty body a HEAD has
+        headers["Tillsync-Signature"] = signature(signing_secret, int(time.time()), b"")
     started = time.monotonic()
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
-                session.head(url, allow_redirects=False,
-                             headers={"User-Agent": USER_AGENT}) as resp:
+                session.head(url, allow_redirects=False, headers=headers) as resp:
             answered_at = time.time()
             status, date = resp.status, resp.headers.get("Date")
     except TimeoutError:
@@ -285,6 +421,20 @@ async def probe_sink(name: str, url: str, ca_bundle: Path | str | None, *,
                                f" ({_one_line(str(err)) or type(err).__name__}) — check the URL"))
     elapsed_ms = (time.monotonic() - started) * 1000
     offset = _clock_offset(date, answered_at)
+    if status in REFUSED_CREDENTIALS:
+        paused = "the agent would pause this sink (its events wait, none are lost)"
+        if token:
+            why = (f"the sink refused the credentials (HTTP {status}) — check the token of"
+                   f" sink {name}; until it is right {paused}")
+        else:
+            why = (f"the sink wants credentials (HTTP {status}) and sink {name} has no token"
+                   f" — set token (or token_file) in its [[sinks]] entry; until then {paused}")
+        return SinkProbe(Check("FAIL", label, f"{shown}: {why}"), offset)
+    if status == MAYBE_REFUSED:
+        return SinkProbe(Check("warn", label, f"{shown} answered HTTP 403 to a HEAD — a refusal"
+                               f" of sink {name}'s credentials, or a gateway that only takes"
+                               " POST here; if deliveries get 403 too the agent pauses the"
+                               " sink (its events wait, none are lost)"), offset)
     return SinkProbe(Check("ok", label, f"{shown} answered HTTP {status} in {elapsed_ms:.0f} ms"),
                      offset)
 
@@ -356,10 +506,12 @@ async def check_listen(host: str, port: int, *, timeout_s: float) -> Check:
                      " fix api.listen")
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
-            ours = await _answers_healthz(host, port, timeout_s)
-            who = ("a tillsync agent answers there" if ours
-                   else "nothing answers /healthz there: another program?")
-            return Check("warn", "listen", f"{where} in use (is the agent running?) — {who}")
+            if await _answers_healthz(host, port, timeout_s):
+                return Check("warn", "listen", f"{where} in use (is the agent running?) — a"
+                             " tillsync agent answers there")
+            return Check("FAIL", "listen", f"{where} is in use by another program (no tillsync"
+                         " agent answers /healthz there), so `tillsync run` would fail — stop"
+                         " that program, or set api.listen to a free port")
         if err.errno == errno.EADDRNOTAVAIL:
             return Check("FAIL", "listen", f"{where}: not an address of this machine — set"
                          " api.listen to one of its addresses, or 0.0.0.0")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
                " `tillsync check`, `tillsync run`.")
     parser.add_argument("--version", action="version", version=f"tillsync {package_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on failure")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every subcommand takes --debug too (`tillsync run --debug`), with the same meaning. Its
+    # default is SUPPRESS so that a subcommand without it leaves the top-level value alone.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on failure")
+    commands = _Subcommands(parser.add_subparsers(dest="command", required=True,
+                                                  metavar="COMMAND"), common)
 
     demo = commands.add_parser("demo", help="see it work: agent, tills and a flaky cloud",
                                description="Run the agent in a temporary directory with three"
@@ -43,11 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how long the tills ring up sales (default 30)")
 
     init = commands.add_parser("init", help="write agent.toml, a new outbox key and tokens",
-                               description="Write a commented agent.toml, a new outbox key"
-                               " (mode 0600) and random tokens into DIR; print the tokens once."
-                               " Never overwrites an existing key or config.")
+                               description="Write a commented config file, a new outbox key"
+                               " (mode 0600) and random tokens; print the tokens once. With"
+                               " --dir: DIR/agent.toml. Without: the file $TILLSYNC_CONFIG"
+                               " names (so `tillsync run` finds it with the same variable),"
+                               " else the system path. The key (outbox.key) and the database"
+                               " (outbox.db) go beside the config file. Never overwrites an"
+                               " existing key or config.")
     init.add_argument("--dir", type=Path, default=None,
-                      help="where to write (default: the directory of the default config path)")
+                      help="write DIR/agent.toml, DIR/outbox.key (default: the config file"
+                           " $TILLSYNC_CONFIG names, else the system path)")
 
     run = commands.add_parser("run", help="run the agent in the foreground",
                               description="Run the agent until SIGTERM/SIGINT; logs to stderr.")
@@ -66,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     outbox = commands.add_parser("outbox", help="look at and retry queued events",
                                  description="Through the running agent's admin API, or with"
                                  " --config directly on the database (agent stopped).")
-    actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = _Subcommands(outbox.add_subparsers(dest="action", required=True,
+                                                 metavar="ACTION"), common)
     listing = actions.add_parser("list", help="deliveries in event order")
     listing.add_argument("--state", choices=["pending", "in_flight", "in_doubt", "delivered",
                                              "dead", "quarantined"], help="only this state")
@@ -96,11 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the name printed at the top (default: Store)")
 
     keys = commands.add_parser("keys", help="outbox encryption keys")
-    key_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    key_actions = _Subcommands(keys.add_subparsers(dest="action", required=True,
+                                                   metavar="ACTION"), common)
     rotate = key_actions.add_parser("rotate", help="new data key for new records; old keys"
                                     " stay until nothing needs them")
     _remote_args(rotate, direct=True)
     return parser
+
+
+class _Subcommands:
+    """``add_subparsers()`` whose every parser also takes the common options (--debug)."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self._action = action
+        self._common = common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """Add a subcommand that inherits the common options."""
+        parser: argparse.ArgumentParser = self._action.add_parser(
+            name, parents=[self._common], **kwargs)
+        return parser
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -118,43 +148,179 @@ def _remote_args(parser: argparse.ArgumentParser, *, direct: bool = False) -> No
                             help="work on the database directly (the agent must be stopped)")
 
 
+@dataclass
+class Context:
+    """What a command had got to when it failed, so its one line can name the setting."""
+
+    command: str | None = None
+    config: Any = None  # the AgentConfig `run` loaded: names the setting behind an OSError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    context = Context(args.command)
     try:
-        return _dispatch(args)
+        return _dispatch(args, context)
     except KeyboardInterrupt:
         return 130
     except Exception as err:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
-        code, line = describe_failure(err)
+        code, line = describe_failure(err, command=context.command, config=context.config)
         print(f"tillsync: {line}", file=sys.stderr)
         return code
 
 
-def describe_failure(err: BaseException) -> tuple[int, str]:
-    """Exit status and one line for any failure a command can meet."""
+def describe_failure(err: BaseException, *, command: str | None = None,
+                     config: Any = None) -> tuple[int, str]:
+    """Exit status and one line (what, why, what to do) for any failure a command can meet.
+
+    ``command`` fits the advice to what was run; ``config`` (the loaded AgentConfig, when the
+    failure came after loading it) lets an OSError name the setting behind it: binding
+    ``api.listen``, creating files beside ``outbox.path``, reading ``outbox.key_file``.
+    """
     from agent.config import ConfigError
+    from agent.init import InitError
     from agent.lockfile import LockHeld
     from agent.operator import OperatorError
+    from outbox.errors import KeyFileError
 
     if isinstance(err, ConfigError):
         return 2, str(err).replace("\n", "\ntillsync: ")
+    if isinstance(err, KeyFileError):
+        from agent.checks import describe_key_error  # check and run say the same
+
+        return 1, describe_key_error(err, config.outbox.path if config is not None else None)
     if isinstance(err, OutboxError):
         return 1, f"{err}" + (f" ({err.hint})" if err.hint else "")
     if isinstance(err, LockHeld):
-        return 1, f"{err}; stop the other agent, or drop --config to use the running agent"
-    if isinstance(err, FileExistsError | FileNotFoundError | PermissionError):
+        return 1, _lock_held(err, command)
+    if isinstance(err, InitError | OperatorError):
         return 1, str(err)
     if isinstance(err, OSError):
-        return 1, f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
-    if isinstance(err, OperatorError):
-        return 1, str(err)
+        known = None
+        if config is not None:
+            known = _listen_failure(err, config) or _outbox_file_failure(err, config)
+        if known:
+            return 1, known
+        if isinstance(err, FileExistsError) and err.errno is None:
+            return 1, str(err)  # init's own "already exists; why; what to do"
+        return 1, _os_failure(err)
     return 1, f"unexpected error: {type(err).__name__}: {err} (run with --debug for details)"
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _lock_held(err: Any, command: str | None) -> str:
+    if command == "run":
+        return (f"outbox.path {err.path}: another tillsync agent is already using this"
+                " database — stop it first (e.g. systemctl stop tillsync), or set outbox.path"
+                " to another database")
+    if command in ("outbox", "keys"):
+        return f"{err}: the agent is running — drop --config to go through its API"
+    return f"{err} — stop the other tillsync process, then try again"
+
+
+def _listen_failure(err: OSError, config: Any) -> str | None:
+    """Describe a failure to bind ``api.listen``, or None when ``err`` is not one."""
+    binding = isinstance(err, socket.gaierror) or (err.filename is None and (
+        err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or "bind" in str(err)))
+    if not binding:
+        return None
+    host, port = config.api.host, config.api.port
+    what = f"cannot listen on api.listen = {config.api.listen!r}"
+    if isinstance(err, socket.gaierror):
+        return (f"{what}: the host name {host} does not resolve ({err.strerror or err}) — set"
+                f" api.listen to an address of this machine, e.g. 127.0.0.1:{port}, or"
+                f" 0.0.0.0:{port} for every address")
+    if err.errno == errno.EADDRINUSE:
+        return (f"{what}: port {port} is already in use (another program, or another tillsync"
+                " agent, listens there) — stop it, or set api.listen to a free port")
+    if err.errno == errno.EADDRNOTAVAIL:
+        return (f"{what}: {host} is not an address of this machine — set api.listen to one of"
+                f" its addresses, or 0.0.0.0:{port} for every address")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return (f"{what}: permission denied (ports below 1024 need extra rights) — set"
+                " api.listen to a port above 1023")
+    why = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    return f"{what}: {why} — fix api.listen"
+
+
+def _outbox_file_failure(err: OSError, config: Any) -> str | None:
+    """Describe an OSError on the key file or on a file beside the outbox, naming the key."""
+    if err.filename is None:
+        return None
+    path = Path(os.fsdecode(err.filename))
+    key_file, db = config.outbox.key_file, config.outbox.path
+    if _same_path(path, key_file):
+        if isinstance(err, IsADirectoryError):
+            return (f"outbox.key_file {key_file}: is a directory, not a key file — set"
+                    " outbox.key_file to the file holding the key")
+        if err.errno in (errno.EACCES, errno.EPERM):
+            owner = _owner(key_file)
+            belongs = f"; the file belongs to {owner}" if owner else ""
+            return (f"outbox.key_file {key_file}: cannot read it (permission denied for user"
+                    f" {_user()}{belongs}) — run the agent as the key's owner (the service"
+                    " user), or chown the key to that user and keep mode 0600")
+        return (f"outbox.key_file {key_file}: cannot read it ({_reason(err)}) — check the"
+                " path and the disk")
+    if any(_same_path(path, parent) for parent in db.parents):
+        what = f"outbox.path {db}: cannot create the directory {path}"
+        directory = path.parent
+    elif _same_path(path.parent, db.parent):
+        what = f"outbox.path {db}: cannot create {path.name} in {db.parent}"
+        directory = db.parent
+    else:
+        return None
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return (f"{what} (permission denied for user {_user()}) — run the agent as the user"
+                f" that owns {directory}, or chown it to the agent's service user; or set"
+                " outbox.path to a directory that user can write")
+    if err.errno == errno.ENOSPC:
+        return f"{what} ({_reason(err)}) — free disk space, or move outbox.path to another disk"
+    return (f"{what} ({_reason(err)}) — set outbox.path to a file in a directory on a"
+            " writable disk, e.g. /var/lib/tillsync/outbox.db")
+
+
+def _os_failure(err: OSError) -> str:
+    """One line for a file or system error nothing more specific recognised."""
+    where = f"{os.fsdecode(err.filename)}: " if err.filename is not None else ""
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return (f"{where}permission denied for user {_user()} — run as a user allowed to"
+                " use it (e.g. the agent's service user), or fix its owner")
+    if err.errno == errno.ENOENT:
+        return f"{where}no such file or directory — check the path"
+    return f"{where}{_reason(err)} — check the path, its permissions and the disk"
+
+
+def _reason(err: OSError) -> str:
+    why = err.strerror or (os.strerror(err.errno) if err.errno else type(err).__name__)
+    return why[:1].lower() + why[1:]
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _user() -> str:
+    """Return the name of the user this process runs as."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return "this user"
+
+
+def _owner(path: Path) -> str | None:
+    try:
+        import pwd
+
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (ImportError, KeyError, OSError):
+        return None
+
+
+def _dispatch(args: argparse.Namespace, context: Context) -> int:
     if args.command == "demo":
         from agent.demo import run_demo
 
@@ -162,7 +328,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "init":
         return _init(args)
     if args.command == "run":
-        return _run(args)
+        return _run(args, context)
     if args.command == "print":
         return _print_preview(args)
     if args.command == "check":
@@ -184,8 +350,12 @@ def _init(args: argparse.Namespace) -> int:
     from agent.config import default_config_path
     from agent.init import init_setup
 
-    directory = args.dir if args.dir else default_config_path().parent
-    result = init_setup(directory)
+    if args.dir:
+        result = init_setup(args.dir)
+    else:
+        # The file `run` and `check` will look for: $TILLSYNC_CONFIG, else the system path.
+        target = default_config_path()
+        result = init_setup(target.parent, config_name=target.name)
     print(f"wrote {result.config_path} and {result.key_path}")
     print("tokens (shown once; they are also in the config file):")
     print(f"  status token (head office, tillsync status): {result.status_token}")
@@ -213,11 +383,12 @@ def _print_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, context: Context) -> int:
     from agent.config import load_config
     from agent.runtime import serve
 
     config = load_config(_config_path(args))
+    context.config = config
     logging.basicConfig(level=config.logging.level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -249,28 +420,40 @@ def _url_and_token(args: argparse.Namespace) -> tuple[str, str]:
     """Find the agent's URL and status token: flags, then environment, then config."""
     from agent.operator import OperatorError
 
-    url, token = args.url, args.token or os.environ.get(TOKEN_ENV)
+    # An empty variable counts as unset, not as an empty token.
+    url, token = args.url, args.token or os.environ.get(TOKEN_ENV) or None
     if url and token:
         return url, token
-    config = _config_if_readable()
+    config, why_not, fix = _default_config()
     if url is None:
         url = _url_of(config) if config is not None else DEFAULT_URL
     if token is None:
         if config is None:
-            raise OperatorError(f"no status token: pass --token, set ${TOKEN_ENV}, or make the"
-                               " config file readable")
+            raise OperatorError(f"no status token: {why_not} — pass --token or set"
+                                f" ${TOKEN_ENV}, or {fix}")
         token = config.api.status_token.get_secret_value()
     return url, token
 
 
-def _config_if_readable() -> Any:
-    from agent.config import ConfigError, default_config_path, load_config
+def _default_config() -> tuple[Any, str, str]:
+    """Load the default config file: (config, "", "") or (None, why not, what to do)."""
+    from agent.config import ENV_CONFIG, ConfigError, default_config_path, load_config
 
     path = default_config_path()
+    named = f" (from ${ENV_CONFIG})" if os.environ.get(ENV_CONFIG) else ""
     try:
-        return load_config(path) if os.access(path, os.R_OK) else None
-    except ConfigError:
-        return None
+        return load_config(path), "", ""
+    except ConfigError as err:
+        if not path.exists():
+            return (None, f"the config file {path}{named} does not exist",
+                    f"point ${ENV_CONFIG} at the agent's config file")
+        if not os.access(path, os.R_OK):
+            return (None, f"the config file {path}{named} is not readable by user {_user()}",
+                    "run as a user who can read it (e.g. with sudo)")
+        problems = [p.removeprefix(f"{path}: ") for p in err.problems]
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return (None, f"the config file {path}{named} does not load: {problems[0]}{more}",
+                "fix the config file (`tillsync check` lists every problem)")
 
 
 def _url_of(config: Any) -> str:
@@ -279,4 +462,3 @@ def _url_of(config: Any) -> str:
         host = "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{config.api.port}"
-

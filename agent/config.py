@@ -8,7 +8,8 @@ Reading takes three steps; each reports every problem it finds, not just the fir
    the models only ever see final values and ``x_file`` keys never reach them.
 3. Validation by the models below. Pydantic's errors are rewritten into one plain line
    each: ``<source>: <dotted.key[i]>: <reason> (got <value>)``. A secret's value is never
-   shown, and no pydantic exception is chained (its repr would carry the input).
+   shown (nor the value of an unknown key whose name looks like a secret's), and no
+   pydantic exception is chained (its repr would carry the input).
 
 Every field has a description: docs/config.md and the sample written by ``tillsync init``
 are generated from them (``agent.configdoc``), so the two cannot drift from the code.
@@ -87,6 +88,9 @@ ENV_CREDENTIALS = "CREDENTIALS_DIRECTORY"  # set by systemd for LoadCredential=
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _MASK = "'***'"
+# An unknown key whose name holds one of these (or is close to a secret key's name, a typo of
+# it) may hold a secret: its value is never shown.
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "pwd", "key", "auth", "credential")
 MAX_SECRET_BYTES = 64 * 1024  # a token or key; anything bigger is the wrong file
 
 
@@ -835,11 +839,7 @@ class _SecretResolver:
         if isinstance(value, list) and list_item(annotation) is not None:
             item = list_item(annotation)
             return [self._value(v, item, (*loc, i)) for i, v in enumerate(value)]
-        if not isinstance(value, dict):
-            return value
-        tag = value.get("type")
-        model = as_model(annotation) or (
-            union_members(annotation).get(tag) if isinstance(tag, str) else None)
+        model = _table_model(value, annotation)
         return value if model is None else self.model(value, model, loc)
 
     def _secret(self, table: dict[str, Any], name: str, loc: Loc) -> None:
@@ -910,6 +910,46 @@ class _SecretResolver:
             except (OSError, ValueError):
                 pass
         return self.base_dir / path
+
+
+def _table_model(value: Any, annotation: Any) -> type[BaseModel] | None:
+    """Return the model a raw TOML table stands for here (a union member by its type)."""
+    if not isinstance(value, dict):
+        return None
+    tag = value.get("type")
+    return as_model(annotation) or (
+        union_members(annotation).get(tag) if isinstance(tag, str) else None)
+
+
+def inline_secrets(data: Mapping[str, Any]) -> list[str]:
+    """Dotted paths of the secrets a parsed TOML document holds inline.
+
+    Not those given as ``"${ENV_VAR}"`` or ``<key>_file``: only these put the secret itself in
+    the file, which must then be readable by the service user only.
+    """
+    found: list[str] = []
+
+    def walk(value: Any, annotation: Any, loc: Loc) -> None:
+        if isinstance(value, list) and list_item(annotation) is not None:
+            for index, item in enumerate(value):
+                walk(item, list_item(annotation), (*loc, index))
+            return
+        model = _table_model(value, annotation)
+        if model is None:
+            return
+        for name, info in model.model_fields.items():
+            if name not in value:
+                continue
+            if is_secret(info.annotation):
+                secret = value[name]
+                if isinstance(secret, str) and secret.strip() \
+                        and not _ENV_REFERENCE.fullmatch(secret):
+                    found.append(dotted((*loc, name)))
+            else:
+                walk(value[name], info.annotation, (*loc, name))
+
+    walk(dict(data), AgentConfig, ())
+    return found
 
 
 @dataclass(frozen=True)
@@ -988,7 +1028,13 @@ def _describe(error: Mapping[str, Any]) -> str:
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         return _describe_tag(place, kind, ctx)
     if kind == "extra_forbidden":
-        return f"{dotted(place.loc)}: unknown key{_did_you_mean(place)}"
+        shown = _show(error.get("input"))
+        if shown and _may_be_secret(place):
+            shown = "(value hidden)"
+        elif shown:
+            shown = f"(got {shown})"
+        return f"{dotted(place.loc)}: unknown key{_did_you_mean(place)}" + \
+            (f" {shown}" if shown else "")
     reason = _reason(kind, ctx, error.get("msg", "invalid"))
     if kind == "missing" and is_secret(place.annotation):
         reason += f" (or {place.loc[-1]}_file)"
@@ -1041,6 +1087,22 @@ def _did_you_mean(place: _Place) -> str:
     names = [*place.parent.model_fields, *(f"{s}_file" for s in secret_fields(place.parent))]
     close = difflib.get_close_matches(key, names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _may_be_secret(place: _Place) -> bool:
+    """Tell whether an unknown key may hold a secret.
+
+    It may when its name looks like a secret's, or like a typo of a secret key (``tokn``).
+    """
+    key = place.loc[-1] if place.loc else ""
+    if not isinstance(key, str):
+        return False
+    if any(word in key.lower() for word in _SECRET_WORDS):
+        return True
+    if place.parent is None:
+        return False
+    secrets = [*secret_fields(place.parent), *(f"{s}_file" for s in secret_fields(place.parent))]
+    return bool(difflib.get_close_matches(key, secrets, n=1))
 
 
 _SCALARS = (str, int, float, bool, datetime, date, time)

@@ -188,10 +188,11 @@ tillsync reads one TOML file: the path given with `--config`, else `$TILLSYNC_CO
 
 - **Unknown keys are errors**, so a misspelt key never silently falls back to its default.
   Every error names the key's dotted path and the bad value, one line per problem; a
-  secret's value is never shown (`'***'`):
+  secret's value is never shown (`'***'`), nor that of an unknown key whose name looks like
+  a secret's (`tokn`: `(value hidden)`):
 
   ```
-  agent.toml: api.listne: unknown key (did you mean 'listen'?)
+  agent.toml: api.listne: unknown key (did you mean 'listen'?) (got '127.0.0.1:8765')
   agent.toml: sinks[0].concurrency: must be at least 1 (got 0)
   ```
 - **Relative paths** (`outbox.path`, `outbox.key_file`, `ca_bundle`) are taken relative to

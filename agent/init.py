@@ -6,6 +6,7 @@ as docs/config.md), so the sample explains exactly the keys the agent accepts.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import textwrap
@@ -37,6 +38,10 @@ _HEADER = """\
 """
 
 
+class InitError(Exception):
+    """init could not write its files; the message is one line: what, why, what to do."""
+
+
 @dataclass(frozen=True)
 class InitResult:
     """What ``init_setup`` created; the tokens are shown to the operator once."""
@@ -47,14 +52,21 @@ class InitResult:
     terminal_tokens: dict[str, str]
 
 
-def init_setup(directory: Path) -> InitResult:
-    """Write agent.toml and a new outbox key into ``directory``; never overwrite either."""
+def init_setup(directory: Path, *, config_name: str = CONFIG_NAME) -> InitResult:
+    """Write ``config_name`` and a new outbox key into ``directory``; never overwrite either.
+
+    The database is set to ``directory``/outbox.db. ``config_name`` lets ``tillsync init``
+    write the file ``$TILLSYNC_CONFIG`` names, so ``tillsync run`` finds it.
+    """
     directory = directory.absolute()
-    config_path, key_path = directory / CONFIG_NAME, directory / KEY_NAME
+    config_path, key_path = directory / config_name, directory / KEY_NAME
     _refuse_existing(config_path, key_path, directory / DATABASE_NAME)
     if not directory.exists():
-        directory.mkdir(mode=0o750, parents=True)
-        directory.chmod(0o750)  # mkdir's mode is filtered by the umask
+        try:
+            directory.mkdir(mode=0o750, parents=True)
+            directory.chmod(0o750)  # mkdir's mode is filtered by the umask
+        except OSError as err:
+            raise _cannot_write(directory, err, "create the directory") from err
     status_token = new_token()
     terminal_tokens = {terminal: new_token() for terminal in TERMINAL_IDS}
     text = render_config(directory, status_token, terminal_tokens)
@@ -62,13 +74,29 @@ def init_setup(directory: Path) -> InitResult:
         create_key_file(key_path)
     except KeyFileInvalid as err:  # appeared since the check above
         raise FileExistsError(_exists_message(key_path)) from err
+    except OSError as err:
+        raise _cannot_write(key_path, err, "write the key") from err
     try:
         _write_private(config_path, text)
-    except BaseException:
+    except BaseException as err:
         # Nothing can be encrypted under the key yet: remove it so a rerun starts clean.
         key_path.unlink(missing_ok=True)
+        if isinstance(err, FileExistsError):  # appeared since the check above
+            raise FileExistsError(_exists_message(config_path)) from err
+        if isinstance(err, OSError):
+            raise _cannot_write(config_path, err, "write the config") from err
         raise
     return InitResult(config_path, key_path, status_token, terminal_tokens)
+
+
+def _cannot_write(path: Path, err: OSError, what: str) -> InitError:
+    if err.errno in (errno.EACCES, errno.EPERM):
+        why, fix = "permission denied", ("run init as root (e.g. sudo tillsync init), or pass"
+                                         " --dir with a directory you can write")
+    else:
+        why = (err.strerror or str(err)).lower()
+        fix = "pass --dir with a directory on a writable disk, e.g. /etc/tillsync"
+    return InitError(f"init cannot {what} {path} ({why}) — {fix}")
 
 
 def new_token() -> str:

@@ -16,7 +16,11 @@ from pathlib import Path
 
 
 class LockHeld(Exception):
-    """Another process holds the outbox."""
+    """Another process holds the outbox; ``path`` is its database."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"another tillsync process is using {path}")
+        self.path = path
 
 
 def lock_path(db_path: Path) -> Path:
@@ -39,7 +43,7 @@ def exclusive(db_path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LockHeld(f"another tillsync process is using {db_path}") from None
+            raise LockHeld(db_path) from None
         yield
     finally:
         os.close(fd)  # closing drops the lock

@@ -58,12 +58,31 @@ class OperatorError(Exception):
 async def status_command(url: str, token: str, *, as_json: bool, console: Console) -> int:
     """Show a running agent's ``/v1/status``; 0 whenever the agent answered."""
     async with AgentClient(url, token) as client:
-        doc = await client.get("/v1/status")
+        doc = require_status(await client.get("/v1/status"), client.url)
     if as_json:
         _print_json(console, doc)
     else:
         render_status(doc, console)
     return 0
+
+
+# The blocks every tillsync status has (CONTRACT §7) and their JSON types.
+STATUS_SHAPE: dict[str, type] = {"status": str, "outbox": dict, "sinks": list}
+
+
+def require_status(doc: Any, url: str) -> dict[str, Any]:
+    """Return ``doc`` if it is a tillsync status document, else fail naming the URL.
+
+    Another service answering 200 with JSON must not pass for an agent with nothing to
+    report (a table of dashes, exit 0).
+    """
+    missing = [key for key, kind in STATUS_SHAPE.items()
+               if not isinstance(doc, dict) or not isinstance(doc.get(key), kind)]
+    if missing:
+        raise OperatorError(f"{url}/v1/status answered, but not with a tillsync status (no"
+                            f" {', '.join(repr(key) for key in missing)} in it) — check that"
+                            " --url points at the tillsync agent")
+    return dict(doc)
 
 
 def render_status(doc: Mapping[str, Any], console: Console, *, now: float | None = None) -> None:
@@ -381,7 +400,7 @@ class ApiBackend(Backend):
 
     async def stats(self) -> dict[str, Any]:
         """Return the outbox and sinks blocks of ``/v1/status``."""
-        doc = await self.client.get("/v1/status")
+        doc = require_status(await self.client.get("/v1/status"), self.client.url)
         return {"outbox": doc.get("outbox"), "sinks": doc.get("sinks")}
 
     async def rotate_key(self) -> int:

@@ -145,13 +145,68 @@ def closed_port() -> int:
 # -- failures -----------------------------------------------------------------------------
 
 
-async def test_a_config_error_prints_its_problems_and_stops(setup: Setup) -> None:
+async def test_a_config_error_is_one_line_that_also_says_what_to_do(setup: Setup) -> None:
     text = re.sub(r"(?m)^\[store\]$", "[store]\ncolour = 'blue'", setup.config_path.read_text())
     setup.config_path.write_text(text)
     code, lines = await check(setup)
     assert code == 1
-    assert lines and all(ln.startswith("FAIL  config") for ln in lines), lines
-    assert any("store.colour" in ln for ln in lines)
+    assert lines == [f"FAIL  config       {setup.config_path}: store.colour: unknown key (got"
+                     " 'blue') — fix it, then run `tillsync check` again"]
+
+
+async def test_each_config_problem_is_one_line_and_only_the_first_repeats_the_advice(
+        setup: Setup) -> None:
+    text = re.sub(r"(?m)^\[store\]$", "[store]\ncolour = 'blue'\nsize = 3",
+                  setup.config_path.read_text())
+    setup.config_path.write_text(text)
+    code, lines = await check(setup)
+    assert code == 1 and len(lines) == 2, lines
+    assert all(ln.startswith("FAIL  config") for ln in lines), lines
+    assert [ln.count("run `tillsync check` again") for ln in lines] == [1, 0]
+
+
+async def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "agent.toml"
+    out = io.StringIO()
+    code = await run_checks(missing, console=Console(file=out, width=300))
+    assert code == 1
+    assert out.getvalue().splitlines() == [f"FAIL  config       {missing}: no such file (create"
+                                           " one with `tillsync init`, or pass --config)"]
+
+
+# -- the config file's readers ------------------------------------------------------------
+
+
+async def test_a_config_with_inline_tokens_readable_by_others_is_warned_about(
+        setup: Setup) -> None:
+    code, lines = await check(setup)
+    assert line(lines, "ok", "config")  # init writes it 0600
+    setup.config_path.chmod(0o644)
+    code, lines = await check(setup)
+    assert code == 0, "\n".join(lines)  # a warning: the agent still runs
+    warn = line(lines, "warn", "config")
+    assert f"{setup.config_path}: readable by other users (mode 0644) and holds secrets" \
+           " inline (api.status_token, api.terminals[0].token, api.terminals[1].token and" \
+           " 1 more)" in warn
+    assert f"chmod 600 {setup.config_path}" in warn
+    assert setup.status_token not in warn
+
+
+async def test_a_readable_config_without_inline_secrets_is_fine(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = setup.config_path.read_text()
+    text = re.sub(r'(?m)^status_token = ".*"$', 'status_token = "${TS_CHECK_TOKEN}"', text)
+    text = re.sub(r'(?m)^token = ".*"$', 'token_file = "terminal.token"', text, count=1)
+    text = re.sub(r'(?m)^token = "(.*)"$',
+                  lambda m: f'token_sha256 = "{hashlib.sha256(m[1].encode()).hexdigest()}"',
+                  text)
+    setup.config_path.write_text(text)
+    (setup.config_path.parent / "terminal.token").write_text("a-terminal-token-0123456789\n")
+    setup.config_path.chmod(0o644)
+    monkeypatch.setenv("TS_CHECK_TOKEN", "a-status-token-0123456789")
+    code, lines = await check(setup)
+    assert code == 0, "\n".join(lines)
+    assert str(setup.config_path) in line(lines, "ok", "config")
 
 
 async def test_a_world_readable_key_fails_with_the_fix(setup: Setup) -> None:
@@ -168,7 +223,34 @@ async def test_a_key_that_is_not_32_bytes_fails(setup: Setup) -> None:
     key.write_text(base64.b64encode(b"short").decode())
     code, lines = await check(setup)
     assert code == 1
-    assert "holds 5 bytes, expected 32" in line(lines, "FAIL", "key")
+    fail = line(lines, "FAIL", "key")
+    assert "holds 5 bytes, expected 32 — restore the key file from backup" in fail
+
+
+@pytest.mark.parametrize(("content", "why"), [(b"\x00garbage\xff", "is not base64"),
+                                             (b"", "is empty")])
+async def test_a_broken_key_beside_a_database_says_restore_it_never_make_a_new_one(
+        setup: Setup, cloud: StandinCloud, content: bytes, why: str) -> None:
+    await used(setup, cloud)
+    key = load_key_path(setup)
+    key.write_bytes(content)
+    code, lines = await check(setup)
+    assert code == 1
+    fail = line(lines, "FAIL", "key")
+    assert f"{key}: {why} — restore the key file from backup; do not make a new key" in fail
+    assert str(setup.db) in fail and "tillsync init" not in fail
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o700])
+async def test_a_key_path_that_is_a_directory_says_so(setup: Setup, mode: int) -> None:
+    key = load_key_path(setup)
+    key.unlink()
+    key.mkdir(mode=mode)
+    code, lines = await check(setup)
+    assert code == 1
+    fail = line(lines, "FAIL", "key")
+    assert fail.endswith(f"{key}: is a directory, not a key file — set outbox.key_file to the"
+                         " file holding the key")
 
 
 async def test_a_missing_key_beside_a_database_says_restore_it_not_create_one(
@@ -230,6 +312,42 @@ async def test_a_sink_at_a_closed_port_fails_naming_it(setup: Setup) -> None:
     line(lines, "ok", "sink cloud")
 
 
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux /proc")
+async def test_an_outbox_directory_where_no_file_can_be_created_fails(setup: Setup) -> None:
+    """/proc passes os.access for root, yet takes no new file: only creating one tells."""
+    text = re.sub(r'(?m)^path = ".*"$', 'path = "/proc/outbox.db"',
+                  setup.config_path.read_text())
+    setup.config_path.write_text(text)
+    code, lines = await check(setup)
+    assert code == 1
+    fail = line(lines, "FAIL", "outbox dir")
+    assert fail.endswith("/proc: cannot create files there (no such file or directory), so"
+                         " `tillsync run` would fail — set outbox.path to a file in a directory"
+                         " on a writable disk, e.g. /var/lib/tillsync/outbox.db")
+
+
+async def test_a_writable_outbox_directory_is_left_as_it_was(setup: Setup) -> None:
+    before = sorted(setup.db.parent.iterdir())
+    _, lines = await check(setup)
+    assert "writable" in line(lines, "(ok|warn)", "outbox dir")
+    assert sorted(setup.db.parent.iterdir()) == before  # the probe file is gone again
+
+
+async def test_a_listen_port_held_by_another_program_fails(setup: Setup) -> None:
+    import socket
+
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", setup.port))
+        other.listen()
+        code, lines = await check(setup)
+    assert code == 1
+    fail = line(lines, "FAIL", "listen")
+    assert fail.endswith(f"127.0.0.1:{setup.port} is in use by another program (no tillsync"
+                         " agent answers /healthz there), so `tillsync run` would fail — stop"
+                         " that program, or set api.listen to a free port")
+
+
 async def test_a_sink_whose_host_does_not_resolve_fails(setup: Setup) -> None:
     add_sink(setup, "erp", "https://no-such-host.invalid/events")
     code, lines = await check(setup)
@@ -275,6 +393,77 @@ async def test_an_untrusted_certificate_fails_and_its_ca_bundle_fixes_it(
         assert "answered HTTP 405" in line(lines, "ok", "sink erp")
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def guarded_sink() -> AsyncIterator[tuple[int, list[dict[str, str]]]]:
+    """A sink that wants "Bearer right": 401 for anything else, 405 (HEAD) when it is right;
+    yields its port and the headers of every request it got."""
+    seen: list[dict[str, str]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        if request.headers.get("Authorization") != "Bearer right":
+            return web.Response(status=401)
+        return web.Response(status=405)
+
+    runner, port = await serve_once(answer)
+    try:
+        yield port, seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_sink_probe_sends_the_sinks_token_and_passes_when_it_is_accepted(
+        tmp_path: Path, guarded_sink: tuple[int, list[dict[str, str]]]) -> None:
+    port, seen = guarded_sink
+    setup = make_setup(tmp_path / "etc", None)
+    add_sink(setup, "erp", f"http://127.0.0.1:{port}/events",
+             'token = "right"\nsigning_secret = "shh"')
+    code, lines = await check(setup)
+    assert code == 0, "\n".join(lines)
+    assert "answered HTTP 405" in line(lines, "ok", "sink erp")
+    [headers] = seen
+    assert headers["Authorization"] == "Bearer right"
+    assert re.fullmatch(r"t=\d+,v1=[0-9a-f]{64}", headers["Tillsync-Signature"])
+
+
+@pytest.mark.parametrize(("token", "expected"), [
+    ('token = "wrong"', "the sink refused the credentials (HTTP 401) — check the token of sink"
+                        " erp; until it is right the agent would pause this sink"),
+    ("", "the sink wants credentials (HTTP 401) and sink erp has no token — set token (or"
+         " token_file) in its [[sinks]] entry; until then the agent would pause this sink"),
+])
+async def test_a_sink_refusing_the_credentials_fails(
+        tmp_path: Path, guarded_sink: tuple[int, list[dict[str, str]]], token: str,
+        expected: str) -> None:
+    port, _ = guarded_sink
+    setup = make_setup(tmp_path / "etc", None)
+    add_sink(setup, "erp", f"http://127.0.0.1:{port}/events", token)
+    code, lines = await check(setup)
+    assert code == 1
+    fail = line(lines, "FAIL", "sink erp")
+    assert fail.endswith(f"http://127.0.0.1:{port}/events: {expected} (its events wait, none"
+                         " are lost)"), fail
+    assert "wrong" not in fail
+
+
+@pytest.mark.parametrize(("status", "level"), [(403, "warn"), (407, "FAIL"), (404, "ok"),
+                                               (405, "ok"), (500, "ok")])
+async def test_only_a_credentials_refusal_fails_other_answers_are_reachable(
+        tmp_path: Path, status: int, level: str) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=status)
+
+    runner, port = await serve_once(answer)
+    try:
+        setup = make_setup(tmp_path / "etc", None)
+        add_sink(setup, "erp", f"http://127.0.0.1:{port}/events", 'token = "t"')
+        code, lines = await check(setup)
+    finally:
+        await runner.cleanup()
+    assert f"HTTP {status}" in line(lines, level, "sink erp")
+    assert code == (1 if level == "FAIL" else 0), "\n".join(lines)
 
 
 @pytest.mark.parametrize(("skew_s", "level"), [(-600, "FAIL"), (90, "warn")])

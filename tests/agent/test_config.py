@@ -6,6 +6,7 @@ import copy
 import hashlib
 import re
 import sys
+import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from agent.config import (
     ConfigError,
     TerminalConfig,
     default_config_path,
+    inline_secrets,
     load_config,
     parse_config,
 )
@@ -228,26 +230,59 @@ def test_a_terminal_matches_the_token_behind_its_sha256(tmp_path: Path):
 
 @pytest.mark.parametrize(("text", "expected"), [
     (document(extra='[stroe]\nid = "x"'), "stroe: unknown key (did you mean 'store'?)"),
-    (document(api=API + '\nlistne = "x"'), "api.listne: unknown key (did you mean 'listen'?)"),
+    (document(api=API + '\nlistne = "127.0.0.1:1"'),
+     "api.listne: unknown key (did you mean 'listen'?) (got '127.0.0.1:1')"),
     (document(terminals=TERMINAL + '\ntokn = "x"'),
-     "api.terminals[0].tokn: unknown key (did you mean 'token'?)"),
+     "api.terminals[0].tokn: unknown key (did you mean 'token'?) (value hidden)"),
     (document(outbox=OUTBOX + "\nretention_day = 3"),
-     "outbox.retention_day: unknown key (did you mean 'retention_days'?)"),
-    (document(extra=SINK + '\nurll = "x"'), "sinks[0].urll: unknown key (did you mean 'url'?)"),
+     "outbox.retention_day: unknown key (did you mean 'retention_days'?) (got 3)"),
+    (document(extra=SINK + '\nurll = "x"'),
+     "sinks[0].urll: unknown key (did you mean 'url'?) (got 'x')"),
     (document(extra=SINK + '\nsigning_secret_fil = "x"'),
-     "sinks[0].signing_secret_fil: unknown key (did you mean 'signing_secret_file'?)"),
+     "sinks[0].signing_secret_fil: unknown key (did you mean 'signing_secret_file'?)"
+     " (value hidden)"),
     (document(extra='[[devices]]\nname = "d"\ntype = "escpos"\nurl = "tcp://h:1"\nenable = 1'),
-     "devices[0].enable: unknown key (did you mean 'enabled'?)"),
-    (document(extra='[logging]\nlevel = "info"\nformat = "json"'), "logging.format: unknown key"),
+     "devices[0].enable: unknown key (did you mean 'enabled'?) (got 1)"),
+    (document(extra='[logging]\nlevel = "info"\nformat = "json"'),
+     "logging.format: unknown key (got 'json')"),
 ])
-def test_an_unknown_key_names_its_dotted_path(tmp_path: Path, text: str, expected: str):
+def test_an_unknown_key_names_its_dotted_path_and_value(tmp_path: Path, text: str,
+                                                        expected: str):
     assert problems(tmp_path, text) == [expected]
+
+
+@pytest.mark.parametrize("key", ["api_key", "apiKey", "password", "db_passwd", "Auth_Header",
+                                 "client_secret", "bearer_token", "credentials", "pwd"])
+def test_an_unknown_key_named_like_a_secret_never_shows_its_value(tmp_path: Path, key: str):
+    secret = "hunter2-very-secret"
+    [problem] = problems(tmp_path, document(extra=SINK + f'\n{key} = "{secret}"'))
+    assert problem.startswith(f"sinks[0].{key}: unknown key")
+    assert problem.endswith(" (value hidden)") and secret not in problem
+
+
+def test_an_unknown_table_is_named_without_its_contents(tmp_path: Path):
+    text = document(api=API + '\n[api.auth]\nuser = "a"\nsecret = "hunter2"')
+    [problem] = problems(tmp_path, text)
+    assert problem == "api.auth: unknown key"
+
+
+def test_inline_secrets_lists_only_the_secrets_written_into_the_file():
+    data = tomllib.loads(document(
+        api='status_token = "s3cret"',
+        terminals='[[api.terminals]]\nid = "T01"\ntoken = "${TILL_TOKEN}"\n'
+                  f'[[api.terminals]]\nid = "T02"\ntoken_sha256 = "{"a" * 64}"\n'
+                  '[[api.terminals]]\nid = "T03"\ntoken = "inline"\n'
+                  '[[api.terminals]]\nid = "T04"\ntoken_file = "t04"',
+        extra=SINK + '\ntoken = "x"\nsigning_secret_file = "s"'))
+    assert inline_secrets(data) == ["api.status_token", "api.terminals[2].token",
+                                    "sinks[0].token"]
 
 
 def test_a_file_key_for_a_field_that_is_no_secret_is_unknown(tmp_path: Path):
     assert problems(tmp_path, document(store='id_file = "id.txt"')) == [
         "store.id: required",
-        "store.id_file: unknown key (id is no secret; only secrets can come from a file)"]
+        "store.id_file: unknown key (id is no secret; only secrets can come from a file)"
+        " (got 'id.txt')"]
 
 
 # ---------------------------------------------------------------- bad values

@@ -191,5 +191,5 @@ async def test_a_second_agent_on_the_same_outbox_is_refused(tmp_path: Path):
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 1
         lines = err.decode().strip().splitlines()
-        assert "another tillsync process is using" in lines[-1]
+        assert "another tillsync agent is already using this database" in lines[-1]
         assert "Traceback" not in err.decode()

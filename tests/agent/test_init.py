@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config
-from agent.init import init_setup
+from agent.init import InitError, init_setup
 from outbox.crypto import load_key_file
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
@@ -135,3 +135,25 @@ def test_paths_with_quotes_and_backslashes_survive_the_toml(tmp_path: Path):
     result = init_setup(directory)
     config = load_config(result.config_path, environ={})
     assert config.outbox.key_file == directory / "outbox.key"
+
+
+def test_init_can_write_a_config_file_of_another_name_with_the_key_beside_it(tmp_path: Path):
+    result = init_setup(tmp_path / "site", config_name="custom.toml")
+    assert result.config_path == tmp_path / "site" / "custom.toml"
+    assert result.key_path == tmp_path / "site" / "outbox.key"
+    assert not (tmp_path / "site" / "agent.toml").exists()
+    config = load_config(result.config_path, environ={})
+    assert config.outbox.path == tmp_path / "site" / "outbox.db"
+    assert config.outbox.key_file == result.key_path
+    with pytest.raises(FileExistsError, match=r"outbox\.key already exists"):
+        init_setup(tmp_path / "site", config_name="other.toml")
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux /proc")
+def test_a_directory_that_cannot_be_created_is_one_line_saying_what_to_do():
+    with pytest.raises(InitError) as caught:
+        init_setup(Path("/proc/tillsync-init-test"))
+    message = str(caught.value)
+    assert message == ("init cannot create the directory /proc/tillsync-init-test (no such file"
+                       " or directory) — pass --dir with a directory on a writable disk,"
+                       " e.g. /etc/tillsync")

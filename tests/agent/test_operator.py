@@ -243,6 +243,40 @@ async def test_an_unreachable_agent_fails_with_one_line_naming_the_url() -> None
     assert "is `tillsync run` running?" in message
 
 
+async def test_a_server_that_is_not_a_tillsync_agent_is_refused_not_shown_as_a_status(
+        ) -> None:
+    """A service answering 200 with other JSON must not pass for an agent with nothing to
+    report (a table of dashes and exit 0): status and `outbox stats` both refuse it."""
+    from aiohttp import web
+
+    async def other(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/v1/status", other)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for as_json in (False, True):
+            con, out = console()
+            with pytest.raises(OperatorError) as err:
+                await status_command(url, "t", as_json=as_json, console=con)
+            assert one_line(err) == (f"{url}/v1/status answered, but not with a tillsync status"
+                                     " (no 'status', 'outbox', 'sinks' in it) — check that"
+                                     " --url points at the tillsync agent")
+            assert out.getvalue() == ""
+        with pytest.raises(OperatorError) as err:
+            await outbox_command("stats", url=url, token="t", config_path=None, state=None,
+                                 event_id=None, all_dead=False, as_json=False,
+                                 console=console()[0])
+        assert "not with a tillsync status" in one_line(err)
+    finally:
+        await runner.cleanup()
+
+
 async def tillsync(*args: str) -> tuple[int, str, str]:
     """Run the real command line in a child process (the agent runs in this one)."""
     child = await asyncio.create_subprocess_exec(
