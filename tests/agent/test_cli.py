@@ -15,6 +15,7 @@ from aiohttp import web
 
 from agent.config import load_config
 from tests.agent.conftest import write_config
+from tests.stub_server import serving
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -183,24 +184,15 @@ async def test_status_of_a_server_that_is_not_a_tillsync_agent_fails_with_one_li
     async def not_an_agent(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_get("/v1/status", not_an_agent)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving(not_an_agent) as base:
         for extra in ([], ["--json"]):
             child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent", "status", "--url", f"http://127.0.0.1:{port}",
+                sys.executable, "-m", "agent", "status", "--url", base,
                 "--token", "x", *extra, cwd=REPO, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE)
             out, err = await asyncio.wait_for(child.communicate(), timeout=60)
             assert child.returncode == 1 and out == b"", out
-            assert err.decode() == (f"tillsync: http://127.0.0.1:{port}/v1/status answered, but"
+            assert err.decode() == (f"tillsync: {base}/v1/status answered, but"
                                     " not with a tillsync status (no 'status', 'outbox',"
                                     " 'sinks' in it) — check that --url points at the"
                                     " tillsync agent\n")
-    finally:
-        await runner.cleanup()

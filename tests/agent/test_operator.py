@@ -34,6 +34,7 @@ from agent.runtime import serve
 from agent.standin.cloud import Fault, StandinCloud
 from tests.agent import conftest
 from tests.polling import until
+from tests.stub_server import serving
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -252,14 +253,7 @@ async def test_a_server_that_is_not_a_tillsync_agent_is_refused_not_shown_as_a_s
     async def other(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_get("/v1/status", other)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(other) as url:
         for as_json in (False, True):
             con, out = console()
             with pytest.raises(OperatorError) as err:
@@ -273,8 +267,6 @@ async def test_a_server_that_is_not_a_tillsync_agent_is_refused_not_shown_as_a_s
                                  event_id=None, all_dead=False, as_json=False,
                                  console=console()[0])
         assert "not with a tillsync status" in one_line(err)
-    finally:
-        await runner.cleanup()
 
 
 async def tillsync(*args: str) -> tuple[int, str, str]:

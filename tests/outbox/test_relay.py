@@ -19,6 +19,7 @@ from outbox.relay import Relay, SinkState
 from outbox.sinks import SinkPolicy, WebhookSettings, WebhookSink
 from tests.outbox.conftest import OpenStore
 from tests.polling import until
+from tests.stub_server import serving
 
 FAST = SinkPolicy(backoff_base_s=0.01, backoff_cap_s=0.05, pause_recheck_s=0.2)
 
@@ -411,17 +412,10 @@ async def test_an_answer_body_echoing_customer_data_never_reaches_the_log(
         status = answers.pop(0) if answers else 200
         return web.json_response({"error": f"invalid customer email {canary}"}, status=status)
 
-    app = web.Application()
-    app.router.add_post("/events", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(handler) as base:
         caplog.set_level(logging.DEBUG)
         await store.append(sale("T01", 1))
-        relay = await running.start(store, f"http://127.0.0.1:{port}/events")
+        relay = await running.start(store, f"{base}/events")
         await drained(store)
         [dead] = await store.list_deliveries(state=DeliveryState.DEAD)
         assert dead.last_error is not None and canary in dead.last_error
@@ -429,8 +423,6 @@ async def test_an_answer_body_echoing_customer_data_never_reaches_the_log(
         logged = [r.getMessage() for r in caplog.records]
         assert any("HTTP 503" in m for m in logged) and any("HTTP 422" in m for m in logged)
         assert not [m for m in logged if canary in m]
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_backing_off_sink_reports_when_it_will_try_again(store: Outbox, running):
@@ -442,18 +434,11 @@ async def test_a_backing_off_sink_reports_when_it_will_try_again(store: Outbox, 
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=500)
 
-    app = web.Application()
-    app.router.add_post("/events", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(handler) as base:
         await store.append(sale("T01", 1))
         # Full jitter: the first retry waits uniform(0, 30 s), so it is still ahead.
         slow = SinkPolicy(backoff_base_s=30.0, backoff_cap_s=60.0)
-        relay = await running.start(store, f"http://127.0.0.1:{port}/events", policy=slow)
+        relay = await running.start(store, f"{base}/events", policy=slow)
         await until(lambda: relay.status().consecutive_failures >= 1, 5)
         await until(lambda: relay.status().next_attempt_at is not None, 2)
         status = relay.status()
@@ -462,5 +447,3 @@ async def test_a_backing_off_sink_reports_when_it_will_try_again(store: Outbox, 
         assert time.time() < status.next_attempt_at <= time.time() + 30.0
         [owed] = await store.list_deliveries(state=DeliveryState.PENDING)
         assert owed.next_attempt_at == pytest.approx(status.next_attempt_at)
-    finally:
-        await runner.cleanup()
