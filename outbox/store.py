@@ -22,6 +22,7 @@ import aiosqlite
 
 from outbox.crypto import KeyRing, create_key_file, load_key_file
 from outbox.db import (
+    OPEN_HINT,
     Conn,
     Durability,
     Raw,
@@ -152,7 +153,11 @@ class Outbox:
             # Payloads are sealed, but event ids, streams and dedupe keys (transaction ids)
             # are not: owner-only, like the key, whatever the umask (the unit sets 0077; a
             # shell's 022 made it 0644). SQLite gives -wal and -shm the database's mode.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except OSError as err:
+                raise OutboxUnavailable(f"cannot create {path}: {err.strerror or err}",
+                                        hint=OPEN_HINT) from err
         try:
             conn = await connect(path, durability, max_db_bytes)
         except sqlite3.Error as err:

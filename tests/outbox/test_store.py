@@ -497,7 +497,7 @@ def test_a_database_that_cannot_be_opened_fails_once_without_a_thread_traceback(
                           timeout=30, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("refused: cannot open"), done.stderr
+    assert len(lines) == 1 and lines[0].startswith("refused: cannot create"), done.stderr
     assert "outbox.path" in lines[0] and "retries" not in lines[0]
 
 
