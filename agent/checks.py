@@ -363,8 +363,7 @@ def _try_create_blocking(where: Path, *, directory: bool) -> str | None:
             os.close(fd)
             os.unlink(name)
     except OSError as err:
-        why = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
-        return why[:1].lower() + why[1:]
+        return os_reason(err)
     return None
 
 
@@ -501,26 +500,40 @@ async def check_listen(host: str, port: int, *, timeout_s: float) -> Check:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         await asyncio.to_thread(bind_blocking, host, port)
-    except socket.gaierror as err:
-        return Check("FAIL", "listen", f"{where}: {host} does not resolve ({err.strerror}) —"
-                     " fix api.listen")
     except OSError as err:
-        if err.errno == errno.EADDRINUSE:
+        if err.errno == errno.EADDRINUSE and not isinstance(err, socket.gaierror):
             if await _answers_healthz(host, port, timeout_s):
                 return Check("warn", "listen", f"{where} in use (is the agent running?) — a"
                              " tillsync agent answers there")
             return Check("FAIL", "listen", f"{where} is in use by another program (no tillsync"
                          " agent answers /healthz there), so `tillsync run` would fail — stop"
                          " that program, or set api.listen to a free port")
-        if err.errno == errno.EADDRNOTAVAIL:
-            return Check("FAIL", "listen", f"{where}: not an address of this machine — set"
-                         " api.listen to one of its addresses, or 0.0.0.0")
-        if err.errno == errno.EACCES:
-            return Check("FAIL", "listen", f"{where}: permission denied — use a port above"
-                         " 1023 in api.listen")
-        return Check("FAIL", "listen", f"{where}: cannot listen ({err.strerror or err}) — fix"
-                     " api.listen")
+        return Check("FAIL", "listen", f"{where}: {listen_failure(err, host, port)}")
     return Check("ok", "listen", f"{where} free")
+
+
+def listen_failure(err: OSError, host: str, port: int) -> str:
+    """Why binding ``host:port`` failed and what to do: the words of both check and run."""
+    if isinstance(err, socket.gaierror):
+        return (f"the host name {host} does not resolve ({err.strerror or err}) — set"
+                f" api.listen to an address of this machine, e.g. 127.0.0.1:{port}, or"
+                f" 0.0.0.0:{port} for every address")
+    if err.errno == errno.EADDRINUSE:
+        return (f"port {port} is already in use (another program, or another tillsync"
+                " agent, listens there) — stop it, or set api.listen to a free port")
+    if err.errno == errno.EADDRNOTAVAIL:
+        return (f"{host} is not an address of this machine — set api.listen to one of"
+                f" its addresses, or 0.0.0.0:{port} for every address")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return ("permission denied (ports below 1024 need extra rights) — set"
+                " api.listen to a port above 1023")
+    return f"{os_reason(err)} — fix api.listen"
+
+
+def os_reason(err: OSError) -> str:
+    """Return the system's reason for ``err``, lower-cased to sit inside a sentence."""
+    why = err.strerror or (os.strerror(err.errno) if err.errno else type(err).__name__)
+    return why[:1].lower() + why[1:]
 
 
 def bind_blocking(host: str, port: int) -> None:

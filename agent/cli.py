@@ -226,27 +226,16 @@ def _listen_failure(err: OSError, config: Any) -> str | None:
         err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or "bind" in str(err)))
     if not binding:
         return None
-    host, port = config.api.host, config.api.port
-    what = f"cannot listen on api.listen = {config.api.listen!r}"
-    if isinstance(err, socket.gaierror):
-        return (f"{what}: the host name {host} does not resolve ({err.strerror or err}) — set"
-                f" api.listen to an address of this machine, e.g. 127.0.0.1:{port}, or"
-                f" 0.0.0.0:{port} for every address")
-    if err.errno == errno.EADDRINUSE:
-        return (f"{what}: port {port} is already in use (another program, or another tillsync"
-                " agent, listens there) — stop it, or set api.listen to a free port")
-    if err.errno == errno.EADDRNOTAVAIL:
-        return (f"{what}: {host} is not an address of this machine — set api.listen to one of"
-                f" its addresses, or 0.0.0.0:{port} for every address")
-    if err.errno in (errno.EACCES, errno.EPERM):
-        return (f"{what}: permission denied (ports below 1024 need extra rights) — set"
-                " api.listen to a port above 1023")
-    why = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
-    return f"{what}: {why} — fix api.listen"
+    from agent.checks import listen_failure  # check and run say the same
+
+    return (f"cannot listen on api.listen = {config.api.listen!r}:"
+            f" {listen_failure(err, config.api.host, config.api.port)}")
 
 
 def _outbox_file_failure(err: OSError, config: Any) -> str | None:
     """Describe an OSError on the key file or on a file beside the outbox, naming the key."""
+    from agent.checks import os_reason
+
     if err.filename is None:
         return None
     path = Path(os.fsdecode(err.filename))
@@ -261,7 +250,7 @@ def _outbox_file_failure(err: OSError, config: Any) -> str | None:
             return (f"outbox.key_file {key_file}: cannot read it (permission denied for user"
                     f" {_user()}{belongs}) — run the agent as the key's owner (the service"
                     " user), or chown the key to that user and keep mode 0600")
-        return (f"outbox.key_file {key_file}: cannot read it ({_reason(err)}) — check the"
+        return (f"outbox.key_file {key_file}: cannot read it ({os_reason(err)}) — check the"
                 " path and the disk")
     if any(_same_path(path, parent) for parent in db.parents):
         what = f"outbox.path {db}: cannot create the directory {path}"
@@ -276,25 +265,22 @@ def _outbox_file_failure(err: OSError, config: Any) -> str | None:
                 f" that owns {directory}, or chown it to the agent's service user; or set"
                 " outbox.path to a directory that user can write")
     if err.errno == errno.ENOSPC:
-        return f"{what} ({_reason(err)}) — free disk space, or move outbox.path to another disk"
-    return (f"{what} ({_reason(err)}) — set outbox.path to a file in a directory on a"
+        return f"{what} ({os_reason(err)}) — free disk space, or move outbox.path to another disk"
+    return (f"{what} ({os_reason(err)}) — set outbox.path to a file in a directory on a"
             " writable disk, e.g. /var/lib/tillsync/outbox.db")
 
 
 def _os_failure(err: OSError) -> str:
     """One line for a file or system error nothing more specific recognised."""
+    from agent.checks import os_reason
+
     where = f"{os.fsdecode(err.filename)}: " if err.filename is not None else ""
     if err.errno in (errno.EACCES, errno.EPERM):
         return (f"{where}permission denied for user {_user()} — run as a user allowed to"
                 " use it (e.g. the agent's service user), or fix its owner")
     if err.errno == errno.ENOENT:
         return f"{where}no such file or directory — check the path"
-    return f"{where}{_reason(err)} — check the path, its permissions and the disk"
-
-
-def _reason(err: OSError) -> str:
-    why = err.strerror or (os.strerror(err.errno) if err.errno else type(err).__name__)
-    return why[:1].lower() + why[1:]
+    return f"{where}{os_reason(err)} — check the path, its permissions and the disk"
 
 
 def _same_path(a: Path, b: Path) -> bool:
