@@ -563,7 +563,7 @@ class Outbox:
         only when something was delivered since the last look).
         """
         tx = self._tx
-        if tx.refused_bytes is None:
+        if tx.room_regained_in_memory():  # also: nothing was refused
             return None
         if not tx.reclaim_hopeless and not self._closed:
             try:
@@ -571,10 +571,8 @@ class Outbox:
                     return None
             except OutboxError:
                 pass  # the writer cannot look now: report what is known
-        elif tx.room_regained_in_memory():
-            return None
         need = tx.refused_bytes
-        if need is None:
+        if need is None:  # an append went through meanwhile
             return None
         return (f"the outbox holds {tx.live_bytes} of {tx.capacity_bytes} bytes, all owed to"
                 f" sinks; an event of {need} bytes does not fit")

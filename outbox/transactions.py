@@ -224,8 +224,9 @@ class Transactions:
         """Bring in-memory state level with a batch whose COMMIT succeeded."""
         plan = staged.plan
         self.recovery_owed = False
-        if plan.added_bytes and not any(isinstance(r, CapacityFull) for r in plan.results):
-            self.refused_bytes = None  # events fit again
+        if self.refused_bytes is not None and plan.added_bytes and not any(
+                isinstance(r, CapacityFull) for r in plan.results):
+            self.refused_bytes = None  # events fit again (looked at only after a refusal)
         self.live_bytes += plan.added_bytes - plan.freed_bytes
         active = self.keyring.active_id
         self.key_uses[active] = self.key_uses.get(active, 0) + plan.sealed
