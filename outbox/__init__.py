@@ -91,7 +91,9 @@ On-disk schema (``outbox.schema``, versioned by ``PRAGMA user_version``)
 - ``data_keys(key_id, wrapped, created_at, uses)``;
 - ``sink_stats`` and ``totals``: counters kept in the same transaction as every change (by
   the append batch for new rows, by triggers for every later change), so stats never scan
-  the queue and never drift.
+  the queue and never drift;
+- ``meta(name, value)``: per sink, the last Retry-After deadline and the time of the last
+  delivery, so a restarted relay still honours the one and reports the other.
 
 Migrations run one transaction per version step; a newer schema than known is refused.
 ``PRAGMA quick_check`` runs on every open of an existing database, on a separate read-only

@@ -144,8 +144,10 @@ class Relay:
 
         A Retry-After deadline recorded before a restart still holds the sink (capped at
         ``max_retry_after_s`` from now, in case the wall clock was set back meanwhile).
+        The sink's last success is read back too, so status does not forget it.
         """
         with contextlib.suppress(OutboxError):
+            self._last_success_at = await self.store.sink_last_delivered(self.name)
             until = await self.store.sink_hold(self.name)
             wait = None if until is None else until - self._clock()
             if wait is not None and wait > 0:

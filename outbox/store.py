@@ -335,6 +335,12 @@ class Outbox:
                                                brief=True)
         return until
 
+    async def sink_last_delivered(self, sink: str) -> float | None:
+        """Return when ``sink`` last took a delivery (wall clock), even before a restart."""
+        at: float | None = await self._call(lambda raw: self._tx.last_delivered_of(raw, sink),
+                                            brief=True)
+        return at
+
     async def release(self, deliveries: Iterable[Delivery]) -> None:
         """Give back claimed deliveries that were never attempted (e.g. at shutdown)."""
         keys = [(d.event_id, d.sink) for d in deliveries]

@@ -54,6 +54,8 @@ from outbox.models import (
 
 # meta row holding a sink's last Retry-After deadline, so that a restart honours it too.
 HOLD_PREFIX = "retry_after_until:"
+# meta row holding when a sink last took a delivery, so status still shows it after a restart.
+DELIVERED_PREFIX = "last_delivered_at:"
 log = logging.getLogger("outbox.store")
 
 Clock = Callable[[], float]
@@ -611,6 +613,7 @@ class Transactions:
                     " + 1, last_error = NULL, error_key_id = NULL, updated_at = ? WHERE"
                     f" sink = ? AND state = 'in_flight' AND event_id IN ({marks})",
                     [now, sink, *chunk])
+            self._set_time(raw, DELIVERED_PREFIX + sink, now)
         if delivered:
             self.reclaim_hopeless = False
         if retry:
@@ -643,13 +646,24 @@ class Transactions:
 
     def set_hold(self, raw: Raw, sink: str, until: float) -> None:
         """Record that no request may go to ``sink`` before ``until`` (a Retry-After)."""
-        raw.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name)"
-                    " DO UPDATE SET value = excluded.value", (HOLD_PREFIX + sink, repr(until)))
+        self._set_time(raw, HOLD_PREFIX + sink, until)
 
     def hold_of(self, raw: Raw, sink: str) -> float | None:
         """Return the last recorded Retry-After deadline of ``sink`` (wall clock), if any."""
-        row = raw.execute("SELECT value FROM meta WHERE name = ?",
-                          (HOLD_PREFIX + sink,)).fetchone()
+        return self._time_of(raw, HOLD_PREFIX + sink)
+
+    def last_delivered_of(self, raw: Raw, sink: str) -> float | None:
+        """Return when ``sink`` last took a delivery (wall clock), if it ever did."""
+        return self._time_of(raw, DELIVERED_PREFIX + sink)
+
+    @staticmethod
+    def _set_time(raw: Raw, name: str, at: float) -> None:
+        raw.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name)"
+                    " DO UPDATE SET value = excluded.value", (name, repr(at)))
+
+    @staticmethod
+    def _time_of(raw: Raw, name: str) -> float | None:
+        row = raw.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return None if row is None else float(row[0])
 
     def _reread_heads(self, raw: Raw, keys: Sequence[tuple[int, str]]) -> None:

@@ -147,6 +147,26 @@ async def test_a_retry_after_outlives_a_relay_restart(store: Outbox, cloud, runn
     assert len(cloud.effects) == 3
 
 
+async def test_the_last_success_outlives_a_relay_restart(store: Outbox, cloud, running):
+    """GIVEN a relay that delivered a sale WHEN a new relay starts on the same store (an
+    agent restart) and the sink is now unreachable THEN the new relay still reports when
+    the sink last took a delivery, instead of "never"."""
+    await store.append(sale("T01", 1))
+    first = await running.start(store, cloud.url)
+    await drained(store)
+    delivered_at = first.status().last_success_at
+    assert delivered_at is not None
+    await first.stop(grace_s=1)
+    running.relays.remove(first)
+    with socket.socket() as probe:  # a port nothing listens on: the cloud is gone
+        probe.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}/events"
+    await store.append(sale("T01", 2))
+    second = await running.start(store, dead_url)
+    await until(lambda: second.state is not SinkState.ONLINE, 5)
+    assert second.status().last_success_at == pytest.approx(delivered_at, abs=0.05)
+
+
 async def test_response_lost_after_commit_is_resent_with_same_key_and_body(
         store: Outbox, cloud, running):
     cloud.faults.append(Fault.commit_then_drop())
