@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agent.conftest import STATUS_TOKEN, StartAgent, free_port, sale
+from tests.agent.conftest import STATUS_TOKEN, StartAgent, free_port, printer_entry, sale
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
@@ -62,3 +65,44 @@ scrape_configs:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+ALERTS = Path(__file__).parents[2] / "docs" / "prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+
+
+def test_the_shipped_alert_rules_are_valid_and_fire_as_their_unit_tests_say():
+    """promtool (Debian package ``prometheus``) checks the rules head office is told to
+    load, then runs their unit tests: each alert fires at the minute its test says and not
+    before, with the summary it promises."""
+    for args in (["check", "rules", "tillsync-alerts.yml"],
+                 ["test", "rules", "tillsync-alerts.test.yml"]):
+        done = subprocess.run([PROMTOOL, *args], cwd=ALERTS, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_every_series_the_alert_rules_use_is_one_the_agent_exposes(
+        start_agent: StartAgent, cloud, printer):
+    """GIVEN an agent with a sink and a printer, after one refused sale WHEN /metrics is read
+    THEN every tillsync series an alert rule selects exists, with every label the rule's
+    text names: a renamed metric or label would leave an alert that can never fire."""
+    agent = await start_agent(sink_url=cloud.url, extra=printer_entry(printer))
+    assert (await agent.post("/v1/transactions", {"total": "x"}))[0] == 422
+    code, text = await agent.get("/metrics")
+    assert code == 200
+    labels_of: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels_of.setdefault(sample.name, set()).update(sample.labels)
+    rules = (ALERTS / "tillsync-alerts.yml").read_text().split("- alert: ")[1:]
+    assert len(rules) >= 6
+    for rule in rules:
+        name = rule.split()[0]
+        for metric in set(re.findall(r"\btillsync_[a-z_]+", rule)):
+            assert metric in labels_of, f"{name}: {metric} is not exposed"
+            used = set(re.findall(r"\$labels\.(\w+)", rule))
+            used |= {label.strip() for group in re.findall(r"by \(([^)]*)\)", rule)
+                     for label in group.split(",")}
+            missing = used - {"instance", "job"} - labels_of[metric]
+            assert not missing, f"{name}: {metric} has no label {missing}"
