@@ -117,8 +117,14 @@ class StatusFacts:
 
     @property
     def cannot_print(self) -> bool:
-        """Tell whether the printer reported a condition that stops printing."""
-        return bool(self.paper_out or self.paper_end_stop or self.cover_open or self.any_error)
+        """Tell whether the printer reported a condition that stops printing.
+
+        Offline counts for any cause (the feed button, "waiting for online recovery"):
+        bytes sent then wait in the printer's buffer and print whenever it is back, which
+        could be after the job expired (CONTRACT §4: never printed late).
+        """
+        return bool(self.paper_out or self.paper_end_stop or self.cover_open or self.any_error
+                    or self.offline)
 
 
 def _facts_from(byte: int, table: Iterable[tuple[int, str]]) -> dict[str, bool]:

@@ -101,6 +101,23 @@ async def test_cover_open_refuses_the_job(escpos_printer: EscposPrinterEmulator)
     await driver.close()
 
 
+async def test_an_offline_printer_gets_no_job_bytes_to_print_later(
+    escpos_printer: EscposPrinterEmulator,
+) -> None:
+    """Offline with paper and cover fine (here: paper being fed with the FEED button): bytes
+    sent now would wait in its buffer and print whenever it is back, maybe after the job
+    expired. So the job is refused and not one byte of it is sent."""
+    driver = driver_for(escpos_printer)
+    escpos_printer.set_state(feed_button=True)
+    assert escpos_printer.state.offline and not escpos_printer.state.paper_out
+    with pytest.raises(DeviceRefused):
+        await driver.print_job(b"LATE RECEIPT\n", job_id="job-off")
+    escpos_printer.set_state(feed_button=False)
+    await driver.close()
+    await asyncio.sleep(0.05)
+    assert b"LATE RECEIPT" not in escpos_printer.received and escpos_printer.jobs == []
+
+
 async def test_paper_running_out_mid_job_finishes_once_paper_is_back(
     escpos_printer: EscposPrinterEmulator,
 ) -> None:
