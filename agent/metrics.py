@@ -55,7 +55,12 @@ class Metrics:
             PREFIX + "events_rejected", "Events refused by the local API, by error code.",
             ["reason"], registry=r)
         self._pending = _TrackedGauge(Gauge(
-            PREFIX + "outbox_pending", "Deliveries owed to a sink (in flight included).",
+            PREFIX + "outbox_pending",
+            "Deliveries owed to a sink, in flight included, in doubt not (see outbox_in_doubt).",
+            ["sink"], registry=r))
+        self._in_doubt = _TrackedGauge(Gauge(
+            PREFIX + "outbox_in_doubt",
+            "Deliveries owed to a sink whose last attempt may have reached it unanswered.",
             ["sink"], registry=r))
         self._dead = _TrackedGauge(Gauge(
             PREFIX + "outbox_dead", "Dead-lettered deliveries of a sink, kept for an operator.",
@@ -96,6 +101,7 @@ class Metrics:
     def update(self, status: Mapping[str, Any]) -> None:
         """Refresh the gauges from a ``build_status()`` document."""
         pending: dict[tuple[str, ...], float] = {}
+        in_doubt: dict[tuple[str, ...], float] = {}
         dead: dict[tuple[str, ...], float] = {}
         oldest: dict[tuple[str, ...], float] = {}
         up: dict[tuple[str, ...], float] = {}
@@ -107,10 +113,12 @@ class Metrics:
             # rather than report a made-up 0.
             if sink.get("pending") is not None:
                 pending[key] = sink["pending"]
+                in_doubt[key] = sink.get("in_doubt") or 0
                 oldest[key] = sink.get("oldest_pending_age_s") or 0.0
             if sink.get("dead") is not None:
                 dead[key] = sink["dead"]
         self._pending.replace(pending)
+        self._in_doubt.replace(in_doubt)
         self._dead.replace(dead)
         self._oldest.replace(oldest)
         self._sink_up.replace(up)

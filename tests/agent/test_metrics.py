@@ -18,6 +18,7 @@ EXPECTED_FAMILIES = {
     "tillsync_events_received": "counter",
     "tillsync_events_rejected": "counter",
     "tillsync_outbox_pending": "gauge",
+    "tillsync_outbox_in_doubt": "gauge",
     "tillsync_outbox_dead": "gauge",
     "tillsync_outbox_oldest_pending_age_seconds": "gauge",
     "tillsync_deliveries": "counter",
@@ -142,10 +143,12 @@ def test_update_sets_sink_gauges_from_the_status_document() -> None:
          "erp": SinkStats("erp", 0, 0, 0, 0, 0, None)},
         {"cloud": SinkState.BACKING_OFF, "erp": SinkState.ONLINE}))
     assert value(metrics, "tillsync_outbox_pending", sink="cloud") == 7
+    assert value(metrics, "tillsync_outbox_in_doubt", sink="cloud") == 1
     assert value(metrics, "tillsync_outbox_dead", sink="cloud") == 2
     assert value(metrics, "tillsync_outbox_oldest_pending_age_seconds", sink="cloud") == 42.5
     assert value(metrics, "tillsync_sink_up", sink="cloud") == 0
     assert value(metrics, "tillsync_outbox_pending", sink="erp") == 0
+    assert value(metrics, "tillsync_outbox_in_doubt", sink="erp") == 0
     assert value(metrics, "tillsync_outbox_oldest_pending_age_seconds", sink="erp") == 0
     assert value(metrics, "tillsync_sink_up", sink="erp") == 1
 
@@ -179,7 +182,7 @@ def test_sinks_and_devices_that_disappear_lose_their_series() -> None:
                         DeviceStatus("scale", "scale", "connected", None, T0)]))
     metrics.update(doc({"cloud": both["cloud"]}, {"cloud": SinkState.ONLINE},
                        [DeviceStatus("receipt", "printer", "connected", None, T0)]))
-    for gauge in ("tillsync_outbox_pending", "tillsync_outbox_dead",
+    for gauge in ("tillsync_outbox_pending", "tillsync_outbox_in_doubt", "tillsync_outbox_dead",
                   "tillsync_outbox_oldest_pending_age_seconds", "tillsync_sink_up"):
         assert names_with(metrics, gauge) == {frozenset({("sink", "cloud")})}
     assert names_with(metrics, "tillsync_device_up") == {
@@ -200,6 +203,7 @@ def test_unknown_outbox_counts_drop_the_count_series_but_keep_sink_up() -> None:
                        {"cloud": SinkState.ONLINE}))
     metrics.update(doc({}, {"cloud": SinkState.OFFLINE}, box=False))
     assert names_with(metrics, "tillsync_outbox_pending") == set()
+    assert names_with(metrics, "tillsync_outbox_in_doubt") == set()
     assert names_with(metrics, "tillsync_outbox_dead") == set()
     assert names_with(metrics, "tillsync_outbox_oldest_pending_age_seconds") == set()
     assert value(metrics, "tillsync_sink_up", sink="cloud") == 0
