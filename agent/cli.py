@@ -370,6 +370,7 @@ def _print_preview(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, context: Context) -> int:
+    from agent import quiet_libraries
     from agent.config import load_config
     from agent.runtime import serve
 
@@ -377,7 +378,7 @@ def _run(args: argparse.Namespace, context: Context) -> int:
     context.config = config
     logging.basicConfig(level=config.logging.level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    quiet_libraries(config.logging.level)
     asyncio.run(serve(config))
     return 0
 

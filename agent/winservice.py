@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import quiet_libraries
 from agent.sdnotify import Notifier
 
 SERVICE_NAME = "tillsync"
@@ -232,7 +233,7 @@ def configure_logging(directory: Path, level: str = "INFO", *, max_bytes: int = 
     handler._tillsync_service = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    quiet_libraries(level)
     return handler
 
 
