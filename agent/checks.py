@@ -39,7 +39,7 @@ from drivers.base import DeviceError, load_drivers
 from outbox import schema
 from outbox.crypto import KeyRing, load_key_file
 from outbox.errors import KeyFileError, OutboxCorrupt
-from outbox.sinks.webhook import USER_AGENT, signature, tls_context
+from outbox.sinks.webhook import USER_AGENT, signature, tls_context, without_secrets
 
 Level = Literal["ok", "warn", "FAIL", "skip"]
 LEVEL_STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "skip": "dim"}
@@ -385,9 +385,7 @@ async def probe_sink(name: str, url: str, ca_bundle: Path | str | None, *,
     label = f"sink {name}"
     parts = urlsplit(url)
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-    # Only scheme, host, port and path: a query or user-info may hold a credential.
-    shown = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}" \
-            f"{parts.path}"
+    shown = without_secrets(url)  # a query or user-info may hold a credential
     try:
         context = tls_context(str(ca_bundle) if ca_bundle else None)
     except (OSError, ssl.SSLError) as err:

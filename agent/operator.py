@@ -200,6 +200,8 @@ async def _run_outbox(backend: Backend, action: str, *, state: str | None,
             _print_json(console, listing)
         else:
             render_deliveries(listing, console, state=state)
+            if state == "pending" and not listing.get("deliveries"):
+                await _hint_in_doubt(backend, console)
     elif action == "show":
         assert event_id is not None
         event = await backend.show(event_id)
@@ -225,6 +227,15 @@ async def _run_outbox(backend: Backend, action: str, *, state: str | None,
         else:
             render_stats(stats, console)
     return 0
+
+
+async def _hint_in_doubt(backend: Backend, console: Console) -> None:
+    # "No pending" must not read as "nothing owed": in-doubt deliveries are owed too.
+    in_doubt = ((await backend.stats()).get("outbox") or {}).get("in_doubt")
+    if in_doubt:
+        console.print(Text(f"{in_doubt} in doubt, owed as well (an attempt may have reached"
+                           " the sink unanswered): tillsync outbox list --state in_doubt"),
+                      soft_wrap=True)
 
 
 def render_deliveries(listing: Mapping[str, Any], console: Console, *,
@@ -438,9 +449,12 @@ class DirectBackend(Backend):
         except PermissionError as err:
             raise OperatorError(f"cannot take the outbox lock {lock_path(db)}: {err.strerror}"
                                 " — run as the agent's service user") from None
+        from agent.printing import tracks_sends  # its recovery must match the agent's
+
         try:
             store = await Outbox.open(db, cfg.key_file, durability=cfg.durability,
-                                      capacity_bytes=cfg.capacity_bytes)
+                                      capacity_bytes=cfg.capacity_bytes,
+                                      tracks_sends=tracks_sends)
         except BaseException:
             lock.close()
             raise

@@ -30,10 +30,12 @@ What the printer sink reports, and so what the relay does (``outbox.classify``):
 **In doubt means not reprinted.** Once the bytes are in the printer, a printer out of paper
 mid-job keeps them and prints them when paper is loaded; a retry would print the receipt
 twice. So an unconfirmed job is dead-lettered with a reason that says to look at the printer;
-``POST /v1/outbox/{id}/retry`` prints it again on purpose. Two honest limits remain: bytes the
-printer holds in its own buffer print whenever it can, even after ``expires_in_s`` (the agent
-cannot take them back); and if the agent dies between sending a job and recording the result,
-the outbox makes that job pending again and it prints a second time after the restart.
+``POST /v1/outbox/{id}/retry`` prints it again on purpose. The same holds across a stop or a
+crash: the sink marks a job in doubt, durably, just before its first byte goes out
+(``Outbox.mark_sent``; the printer policy's ``tracks_sends``), so a job cut off after that
+is dead-lettered on restart, and one cut off before it (still waiting for the printer)
+prints then. One honest limit remains: bytes the printer holds in its own buffer print
+whenever it can, even after ``expires_in_s`` (the agent cannot take them back).
 
 A ``transaction_id`` is looked up among the transactions *this* terminal posted (its dedupe key
 ``transaction/<terminal>/<id>``) by :class:`TransactionIndex`, through the store's public reads;
@@ -51,7 +53,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -65,7 +67,7 @@ from drivers.escpos.commands import Encoder
 from drivers.escpos.printer import PrintInDoubt
 from drivers.escpos.receipt import COLUMNS, render_receipt
 from drivers.manager import DeviceChange, DeviceManager, UnknownDevice
-from outbox import DedupeConflict, NewEvent
+from outbox import DedupeConflict, NewEvent, OutboxError
 from outbox.classify import Answered, AttemptResult, NoAnswer, Unsendable
 from outbox.models import Delivery
 from outbox.relay import EXPIRED
@@ -91,8 +93,10 @@ PRINT_TIMEOUT_S = 30.0
 ATTEMPT_SLACK_S = 30.0
 # Printers are near: retry soon (the cap bounds the wait after paper is loaded even when the
 # device's state change is missed), one job at a time so the order holds.
+# A job is marked in doubt, durably, just before its bytes go out (``tracks_sends``): so a
+# stop or crash before that gives it back to print, and one after it never prints it twice.
 PRINTER_POLICY = SinkPolicy(concurrency=1, backoff_base_s=0.25, backoff_cap_s=5.0,
-                            pause_recheck_s=5.0)
+                            pause_recheck_s=5.0, tracks_sends=True)
 NOT_REPRINTED = ("sent to the printer but its printing was not confirmed ({why}); not "
                  "reprinted automatically so that no receipt prints twice: look at the printer"
                  " and retry this event to print it again")
@@ -104,6 +108,14 @@ PRINTER_PATTERN = r"[A-Za-z0-9._-]{1,64}"  # a [[devices]] name
 FIELDS = ("printer", "transaction_id", "transaction", "lines", "job_id", "copies",
           "expires_in_s")
 SOURCES = ("transaction_id", "transaction", "lines")
+
+
+def tracks_sends(sink: str) -> bool:
+    """Whether ``sink`` is a printer's, whose sends are marked (``PRINTER_POLICY``).
+
+    The outbox is told at open, so that its crash recovery believes the marks.
+    """
+    return sink.startswith(SINK_PREFIX)
 
 
 def sink_name(printer: str) -> str:
@@ -499,10 +511,12 @@ async def append_job(store: Outbox, event: NewEvent, job_id: str) -> Appended:
 class PrinterSink:
     """Prints jobs on one configured printer, through the device manager (its lock held)."""
 
-    def __init__(self, printer: str, manager: DeviceManager, *,
+    def __init__(self, printer: str, manager: DeviceManager,
+                 mark_sent: Callable[[Delivery], Awaitable[None]], *,
                  policy: SinkPolicy = PRINTER_POLICY, print_timeout_s: float = PRINT_TIMEOUT_S,
                  clock: Callable[[], float] = time.time) -> None:
         self.printer = printer
+        self._mark_sent = mark_sent  # Outbox.mark_sent
         self.name = sink_name(printer)
         self.policy = policy
         self.print_timeout_s = print_timeout_s
@@ -526,8 +540,8 @@ class PrinterSink:
         except ValueError as err:
             return Unsendable(str(err))
         if delivery.in_doubt:
-            # Not produced by this sink (it never reports "sent" for a retry); kept as a guard.
-            return Unsendable(NOT_REPRINTED.format(why="an earlier attempt"))
+            # Its bytes may have gone out before a stop or crash (marked just before sending).
+            return Unsendable(NOT_REPRINTED.format(why="the agent stopped while it printed"))
         holding = False
         try:
             async with asyncio.timeout(self.print_timeout_s + ATTEMPT_SLACK_S):
@@ -539,7 +553,8 @@ class PrinterSink:
                     if print_job is None:
                         return Unsendable(f"device {self.printer!r} cannot print")
                     await print_job(job.output, job_id=job.job_id,
-                                    timeout_s=self.print_timeout_s)
+                                    timeout_s=self.print_timeout_s,
+                                    before_send=lambda: self._mark_sent(delivery))
         except PrintInDoubt as err:
             log.warning("printer %s: job %s not confirmed: %s", self.printer, job.job_id, err)
             return Unsendable(NOT_REPRINTED.format(why=str(err)))
@@ -551,6 +566,8 @@ class PrinterSink:
             return Unsendable(NOT_REPRINTED.format(why="no answer in time"))
         except DeviceError as err:
             return Unsendable(f"printer error, not retried: {err}")
+        except OutboxError as err:  # the mark could not be recorded: nothing was sent
+            return NoAnswer("connect", sent=False, detail=f"outbox: {err}")
         return Answered(200, {}, f"printed on {self.printer}")
 
 

@@ -105,7 +105,8 @@ class Agent:
         with exclusive(cfg.path):
             self.store = await Outbox.open(cfg.path, cfg.key_file, durability=cfg.durability,
                                            capacity_bytes=cfg.capacity_bytes,
-                                           disk_reserve_bytes=cfg.disk_reserve_bytes)
+                                           disk_reserve_bytes=cfg.disk_reserve_bytes,
+                                           tracks_sends=printing.tracks_sends)
             log.info("outbox %s open (durability %s)", cfg.path, cfg.durability)
             try:
                 yield
@@ -129,8 +130,9 @@ class Agent:
                 self.relays[sink_cfg.name] = relay
             for printer in self.printers.values():
                 if printer.enabled:
-                    relay = Relay(self.store, printing.PrinterSink(printer.name, self.devices),
-                                  on_attempt=self.metrics.attempt)
+                    printer_sink = printing.PrinterSink(printer.name, self.devices,
+                                                        self.store.mark_sent)
+                    relay = Relay(self.store, printer_sink, on_attempt=self.metrics.attempt)
                     await relay.start()
                     self.relays[relay.name] = relay
         except BaseException:

@@ -30,14 +30,17 @@ Delivery states and transitions
                  ▲                   │   ├──settle(RETRY at T)─────► pending  (due at T)
                  │                   │   ├──settle(IN_DOUBT at T)──► in_doubt (due at T)
                  │                   │   └──settle(DEAD)───────────► dead
-                 │                   └──restart or release──► pending, or in_doubt if doubted
+                 │                   ├──restart (crash)───────────► in_doubt
+                 │                   └──release (never sent)──► pending, or in_doubt if doubted
                  └────── operator requeue ◄── dead   (back to in_doubt if it was doubted)
     a record that fails authentication, at any read ──► quarantined
 
-``in_doubt`` means an attempt may have reached the server without an answer (timeout,
-reset after the request was written). It is retried with the same key and byte-identical
-body, or settled by the sink's lookup; a later RETRY keeps the doubt until the delivery is
-delivered or dead. ``pending`` in stats counts in-flight deliveries too (they are owed).
+``in_doubt`` means an attempt may have reached the server without an answer: a timeout, a
+reset after the request was written, or the process killed or stopped while it waited (a
+restart cannot tell a claim that was sent from one that was not, so it doubts them all).
+It is retried with the same key and byte-identical body, or settled by the sink's lookup;
+a later RETRY keeps the doubt until the delivery is delivered or dead. ``pending`` in stats
+counts in-flight deliveries too (they are owed).
 
 Ordering rule
 -------------

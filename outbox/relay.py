@@ -56,6 +56,7 @@ SETTLE_RETRY_S = 1.0
 CLAIM_AHEAD = 6
 # Dead letters for an event whose print or delivery window has passed.
 EXPIRED = "expired before it could be delivered"
+STOPPED_MID_ATTEMPT = "the agent stopped before the answer came"
 
 AttemptObserver = Callable[[str, Action, float], None]
 
@@ -119,6 +120,7 @@ class Relay:
         self._sending = 0  # attempts under way
         self._settled: list[Settlement] = []  # verdicts the next round records
         self._released: list[Delivery] = []  # claimed but not attempted: given back
+        self._on_wire: set[int] = set()  # event ids whose request may be on the wire
         self._recording = 0  # settlements in the round being committed
         self._due: float | None = None  # the store's next due time after the last round
         self._idle: deque[asyncio.Future[None]] = deque()  # senders waiting for work
@@ -129,6 +131,7 @@ class Relay:
         self._closing = False  # senders are gone: record what is left and end
         self.state = SinkState.ONLINE
         self._hold_until = 0.0  # monotonic: no request to this sink before then
+        self._retry_after_until = 0.0  # monotonic: the part of the hold the sink asked for
         self._hold_to_record: float | None = None  # a Retry-After deadline (wall clock)
         self._failures = 0
         self._failing_since: float | None = None
@@ -151,8 +154,9 @@ class Relay:
             until = await self.store.sink_hold(self.name)
             wait = None if until is None else until - self._clock()
             if wait is not None and wait > 0:
-                self._hold(min(wait, self.policy.max_retry_after_s), SinkState.BACKING_OFF,
-                           "Retry-After from before the restart")
+                self._last_error = "Retry-After from before the restart"
+                self._hold_for_retry_after(min(wait, self.policy.max_retry_after_s),
+                                           SinkState.BACKING_OFF, self._last_error)
         await self.sink.start()
         self._loop_task = asyncio.create_task(self._run(), name=f"relay-{self.name}")
         self._workers = [asyncio.create_task(self._work(), name=f"relay-{self.name}-{i}")
@@ -179,8 +183,12 @@ class Relay:
         await self.sink.close()
 
     async def recheck(self) -> None:
-        """Try the sink now: lift a pause's wait and make its backed-off deliveries due."""
-        self._hold_until = 0.0
+        """Try the sink now: lift a pause's or a backoff's wait; make its deliveries due.
+
+        A Retry-After still holds: the sink said "not before", and an operator's retry of
+        some other event does not change that (CONTRACT §6).
+        """
+        self._hold_until = self._retry_after_until
         self._kick()
         with contextlib.suppress(OutboxError):
             await self.store.reschedule(self.name)
@@ -218,6 +226,7 @@ class Relay:
 
     async def _run(self) -> None:
         wakeup = self.store.wakeup(self.name)
+        wakeup.set()  # look at least once: an earlier relay on this store may have cleared it
         while True:
             hold = self._hold_until - self._monotonic()
             room = 0
@@ -340,12 +349,20 @@ class Relay:
             except Exception as err:
                 settlement = self._crashed(delivery, err)
             except asyncio.CancelledError:
-                # Stopped mid-attempt: give it back (same key, same body next time).
-                self._released.append(delivery)
+                # Stopped mid-attempt. A request that may be on the wire may also have taken
+                # effect: in doubt (a lookup settles it, or a resend with the same key and
+                # body). One not yet sent is just given back.
+                if delivery.event_id in self._on_wire and not self.policy.tracks_sends:
+                    self._settled.append(Settlement(
+                        delivery.event_id, self.name, Verdict.IN_DOUBT,
+                        next_attempt_at=self._clock(), error=STOPPED_MID_ATTEMPT))
+                else:
+                    self._released.append(delivery)
                 self._kick()
                 raise
             finally:
                 self._sending -= 1
+                self._on_wire.discard(delivery.event_id)
             if settlement is None:
                 self._released.append(delivery)
             else:
@@ -368,16 +385,19 @@ class Relay:
             await self._bucket.acquire()
         if self._hold_until > self._monotonic():
             return None  # a Retry-After arrived while this one waited: not before then
+        started = self._monotonic()
         if delivery.in_doubt and await self.sink.lookup(delivery):
+            # The earlier attempt took effect: a delivery, counted as one.
+            if self._on_attempt is not None:
+                self._on_attempt(self.name, Action.DELIVERED, self._monotonic() - started)
             self._answered(delivered=True)
             return Settlement(delivery.event_id, self.name, Verdict.DELIVERED)
-        if self._on_attempt is None:
-            result = await self.sink.deliver(delivery)
-            return self._decide(delivery, classify(result, on_conflict=self.policy.on_conflict))
         started = self._monotonic()
+        self._on_wire.add(delivery.event_id)  # _work forgets it once the attempt ends
         result = await self.sink.deliver(delivery)
         outcome = classify(result, on_conflict=self.policy.on_conflict)
-        self._on_attempt(self.name, outcome.action, self._monotonic() - started)
+        if self._on_attempt is not None:
+            self._on_attempt(self.name, outcome.action, self._monotonic() - started)
         return self._decide(delivery, outcome)
 
     def _decide(self, delivery: Delivery, outcome: Outcome) -> Settlement:
@@ -407,9 +427,9 @@ class Relay:
             # A Retry-After is the sink's own word: recorded with this verdict, so that a
             # restart honours it too (tests/system/test_chaos.py counts violations).
             self._hold_to_record = max(self._hold_to_record or 0.0, now + wait)
-        if wait is None and (outcome.unreachable or outcome.status == 429):
+            self._hold_for_retry_after(wait, SinkState.BACKING_OFF, outcome.headline)
+        elif outcome.unreachable or outcome.status == 429:
             wait = self._backoff(self._failures)  # the whole sink is affected
-        if wait is not None:
             state = SinkState.OFFLINE if outcome.unreachable else SinkState.BACKING_OFF
             self._hold(wait, state, outcome.headline)
         else:
@@ -428,6 +448,10 @@ class Relay:
         self._next_attempt_at = self._clock() + (self._hold_until - self._monotonic())
         self._set_state(state, reason)
         self._release_ready()  # nothing claimed goes out before the hold ends
+
+    def _hold_for_retry_after(self, seconds: float, state: SinkState, reason: str) -> None:
+        self._retry_after_until = max(self._retry_after_until, self._monotonic() + seconds)
+        self._hold(seconds, state, reason)
 
     def _answered(self, *, delivered: bool) -> None:
         # Either way the delivery left the queue: it counts toward the drain rate.

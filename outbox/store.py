@@ -93,14 +93,15 @@ class Outbox:
 
     def __init__(self, path: Path, keyring: KeyRing, conn: Conn, *, durability: Durability,
                  capacity_bytes: int | None, max_db_bytes: int | None, clock: Clock,
-                 disk_reserve_bytes: int = 0) -> None:
+                 disk_reserve_bytes: int = 0,
+                 tracks_sends: Callable[[str], bool] = lambda sink: False) -> None:
         self.path = path
         self.durability: Durability = durability
         self.capacity_bytes = capacity_bytes
         self.max_db_bytes = max_db_bytes
         self.commits = 0  # transactions committed by the writer: evidence of group commit
         self.reserve = DiskReserve(path.with_name(path.name + ".reserve"), disk_reserve_bytes)
-        self._tx = Transactions(keyring, clock, capacity_bytes)
+        self._tx = Transactions(keyring, clock, capacity_bytes, tracks_sends)
         self._conn: Conn | None = conn
         self._clock = clock
         self._ops: asyncio.Queue[_Op] = asyncio.Queue()
@@ -119,12 +120,15 @@ class Outbox:
     async def open(cls, path: str | Path, key_file: str | Path, *,
                    durability: Durability = "full", capacity_bytes: int | None = None,
                    max_db_bytes: int | None = None, create_key: bool = False,
-                   disk_reserve_bytes: int = 0, clock: Clock = time.time) -> Outbox:
+                   disk_reserve_bytes: int = 0, clock: Clock = time.time,
+                   tracks_sends: Callable[[str], bool] = lambda sink: False) -> Outbox:
         """Open (or create) the outbox at ``path`` with the master key in ``key_file``.
 
         A missing key is created only when ``create_key`` is set *and* no database exists:
         a new key beside an existing queue would orphan every record in it.
         ``disk_reserve_bytes`` keeps that much disk for deliveries (``outbox.reserve``).
+        ``tracks_sends`` names the sinks that mark their sends (``mark_sent``): after a crash
+        their unmarked claims go back to pending, everyone else's to in doubt.
         """
         path, key_file = Path(path), Path(key_file)
         if path.is_dir():
@@ -163,7 +167,8 @@ class Outbox:
         except sqlite3.Error as err:
             raise open_error(path, err) from err
         store = cls(path, keyring, conn, durability=durability, capacity_bytes=capacity_bytes,
-                    max_db_bytes=max_db_bytes, clock=clock, disk_reserve_bytes=disk_reserve_bytes)
+                    max_db_bytes=max_db_bytes, clock=clock, disk_reserve_bytes=disk_reserve_bytes,
+                    tracks_sends=tracks_sends)
         reserve = store.reserve
         try:
             await hop(conn, lambda raw: store._tx.prepare(raw, path))
@@ -334,6 +339,16 @@ class Outbox:
         until: float | None = await self._call(lambda raw: self._tx.hold_of(raw, sink),
                                                brief=True)
         return until
+
+    async def mark_sent(self, delivery: Delivery) -> None:
+        """Durably mark a claimed delivery in doubt before the sink lets it out.
+
+        For sinks with ``SinkPolicy.tracks_sends``: from the commit on, a crash or stop
+        leaves it in doubt, and before it, plain pending. Raises ``OutboxError`` when it
+        cannot be recorded (then it must not be sent).
+        """
+        await self._call(lambda raw: self._tx.mark_sent(raw, delivery.event_id,
+                                                        delivery.sink), brief=True)
 
     async def sink_last_delivered(self, sink: str) -> float | None:
         """Return when ``sink`` last took a delivery (wall clock), even before a restart."""

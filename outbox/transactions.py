@@ -120,8 +120,10 @@ class Staged:
 class Transactions:
     """Transaction bodies plus the ledger they keep in memory between commits."""
 
-    def __init__(self, keyring: KeyRing, clock: Clock, capacity_bytes: int | None) -> None:
+    def __init__(self, keyring: KeyRing, clock: Clock, capacity_bytes: int | None,
+                 tracks_sends: Callable[[str], bool] = lambda sink: False) -> None:
         self.keyring = keyring
+        self.tracks_sends = tracks_sends  # sinks that mark their sends (SinkPolicy)
         self.clock = clock
         self.capacity_bytes = capacity_bytes
         self.next_id = 1
@@ -237,12 +239,24 @@ class Transactions:
                 item.on_commit(outcome)
         return BatchResult(staged.outcomes, plan)
 
-    @staticmethod
-    def _put_back_interrupted(raw: Raw) -> None:
-        # Recovery: an attempt in flight when the process died is owed again. One that was
-        # already in doubt stays in doubt (same key, settled by lookup or resend).
-        raw.execute("UPDATE deliveries SET state = CASE doubt WHEN 1 THEN 'in_doubt'"
-                    " ELSE 'pending' END WHERE state = 'in_flight'")
+    def _put_back_interrupted(self, raw: Raw) -> None:
+        # Recovery: an attempt in flight when the process died is owed again, and in doubt:
+        # its request may have reached the sink and taken effect unanswered. It is settled
+        # by the sink's lookup, or resent with the same key and body (CONTRACT §6). A sink
+        # that marks its sends is believed: what it did not mark was never sent.
+        unsent = [(event_id, sink) for event_id, sink in fetchall(
+            raw, "SELECT event_id, sink FROM deliveries WHERE state = 'in_flight' AND doubt = 0")
+            if self.tracks_sends(sink)]
+        raw.executemany("UPDATE deliveries SET state = 'pending' WHERE event_id = ? AND sink = ?"
+                        " AND state = 'in_flight'", unsent)
+        raw.execute("UPDATE deliveries SET state = 'in_doubt', doubt = 1"
+                    " WHERE state = 'in_flight'")
+
+    def mark_sent(self, raw: Raw, event_id: int, sink: str) -> bool:
+        """Record that a claimed delivery may now reach its sink (see ``tracks_sends``)."""
+        cur = raw.execute("UPDATE deliveries SET doubt = 1 WHERE event_id = ? AND sink = ?"
+                          " AND state = 'in_flight'", (event_id, sink))
+        return cur.rowcount == 1
 
     def _run_work(self, raw: Raw, item: Work) -> Any:
         if not item.isolated:

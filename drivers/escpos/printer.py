@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from drivers.base import (
@@ -202,13 +203,21 @@ class EscposPrinterDriver:
             return None
         return pin3 if self.options["drawer_open_when"] == "high" else not pin3
 
-    async def print_job(self, data: bytes, *, job_id: str, timeout_s: float = 30.0) -> None:
-        """Print ``data`` once and wait for completion; refuse when the printer cannot print."""
+    async def print_job(self, data: bytes, *, job_id: str, timeout_s: float = 30.0,
+                        before_send: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Print ``data`` once and wait for completion; refuse when the printer cannot print.
+
+        ``before_send`` is awaited once the printer has said it can print, just before the
+        first byte goes out (the caller records that the job may now print); if it raises,
+        nothing is sent.
+        """
         async with self._lock:
             try:
                 facts = await self._refresh_locked()
                 if facts.cannot_print:
                     raise DeviceRefused(f"printer {self.spec.name!r}: {describe(facts).detail}")
+                if before_send is not None:
+                    await before_send()
                 pid = process_id_for(job_id)
                 payload = data + (commands.process_id_request(pid) if self._supports_pid else b"")
                 await self._transport_locked().write(payload)

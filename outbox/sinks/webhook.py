@@ -22,6 +22,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -208,4 +209,17 @@ class WebhookSink:
 
 def _describe(err: BaseException) -> str:
     text = str(err) or type(err).__name__
-    return f"{type(err).__name__}: {text}"[:300]
+    return without_secrets(f"{type(err).__name__}: {text}")[:300]
+
+
+# scheme://[user-info@]host/path[?query][#fragment]: group 1 the scheme, 2 host and path.
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/\s@]*@)?([^\s?#'\"]*)(?:[?#][^\s'\"]*)?")
+
+
+def without_secrets(text: str) -> str:
+    """Cut the user-info, query and fragment from every URL in ``text``.
+
+    A sink's URL may carry its credential (``?code=…``, ``user:pass@``), and aiohttp
+    quotes the URL in some errors (a connect timeout); error texts reach logs and status.
+    """
+    return _URL.sub(r"\1\2", text)

@@ -32,6 +32,7 @@ from agent.operator import (
 from agent.readiness import wait_until_ready
 from agent.runtime import serve
 from agent.standin.cloud import Fault, StandinCloud
+from outbox import NewEvent, Outbox
 from tests.agent import conftest
 from tests.polling import until
 from tests.stub_server import serving
@@ -474,6 +475,24 @@ async def test_config_mode_lists_shows_and_retries_once_the_agent_stopped(
     # The next start delivers the requeued event.
     async with running(setup):
         await cloud.wait_for_effects(2)
+
+
+async def test_an_empty_pending_list_points_at_deliveries_in_doubt(setup: Setup) -> None:
+    """GIVEN a delivery that was being sent when the agent died (so it is in doubt after
+    recovery) WHEN the operator lists pending deliveries THEN the answer does not just say
+    "no pending deliveries": it says one is in doubt and how to list it."""
+    config = load_config(setup.config_path)
+    store = await Outbox.open(config.outbox.path, config.outbox.key_file, create_key=True)
+    try:
+        await store.append(NewEvent(stream="T01", kind="transaction", payload=b"{}",
+                                    sinks=("cloud",), idempotency_key="k-1"))
+        assert len(await store.claim("cloud", 1)) == 1
+    finally:
+        await store.close()  # the claim stays in flight, as after a crash mid-attempt
+    text = await outbox("list", direct(setup), state="pending")
+    assert "no pending deliveries" in text
+    assert "1 in doubt" in text and "tillsync outbox list --state in_doubt" in text
+    assert "in_doubt" in await outbox("list", direct(setup), state="in_doubt")
 
 
 async def test_a_long_list_stops_at_the_limit_and_says_where_to_go_on(

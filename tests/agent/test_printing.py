@@ -342,10 +342,16 @@ class _FakeDriver:
         self.error = error
         self.printed: list[bytes] = []
 
-    async def print_job(self, data: bytes, *, job_id: str, timeout_s: float) -> None:
+    async def print_job(self, data: bytes, *, job_id: str, timeout_s: float,
+                        before_send: Any) -> None:
         if self.error is not None:
             raise self.error
+        await before_send()
         self.printed.append(data)
+
+
+async def _marked(delivery: Delivery) -> None:
+    """Stands in for Outbox.mark_sent: these tests are about the sink's verdicts."""
 
 
 class _FakeManager:
@@ -372,7 +378,7 @@ def _delivery(*, expires_at: float | None = None) -> Delivery:
 ])
 async def test_the_printer_sink_reports_what_the_relay_should_do(error: Exception | None,
                                                                  action: Action) -> None:
-    sink = PrinterSink("receipt", _FakeManager(_FakeDriver(error)))  # type: ignore[arg-type]
+    sink = PrinterSink("receipt", _FakeManager(_FakeDriver(error)), _marked)  # type: ignore[arg-type]
     outcome = classify(await sink.deliver(_delivery()))
     assert outcome.action is action
     if error is None:
@@ -384,7 +390,7 @@ async def test_the_printer_sink_reports_what_the_relay_should_do(error: Exceptio
 
 async def test_the_printer_sink_does_not_print_a_job_that_expired_while_it_waited() -> None:
     driver = _FakeDriver(None)
-    sink = PrinterSink("receipt", _FakeManager(driver))  # type: ignore[arg-type]
+    sink = PrinterSink("receipt", _FakeManager(driver), _marked)  # type: ignore[arg-type]
     outcome = classify(await sink.deliver(_delivery(expires_at=time.time() - 1)))
     assert outcome.action is Action.DEAD and EXPIRED in outcome.reason
     assert driver.printed == []

@@ -100,8 +100,12 @@ class MDelivery:
     last_error: str | None
 
     def owed_again(self) -> MDelivery:
-        """Back from in flight (release, restart) or from dead (requeue)."""
+        """Back from in flight (release) or from dead (requeue)."""
         return replace(self, state=S.IN_DOUBT if self.doubt else S.PENDING)
+
+    def recovered(self) -> MDelivery:
+        """Back from in flight at a restart: in doubt, as it may have been sent."""
+        return replace(self, state=S.IN_DOUBT, doubt=True)
 
     def shown(self) -> tuple[DeliveryState, int, float | None, str | None]:
         """What ``DeliveryInfo`` shows: next_attempt_at only while pending or in doubt."""
@@ -480,12 +484,12 @@ class OutboxMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.claimed)  # recovery matters when something is in flight
     @rule()
     def restart_makes_in_flight_owed_again(self) -> None:
-        """Close and reopen: in flight → pending, or in doubt if an attempt was in doubt."""
+        """Close and reopen: in flight → in doubt (it may have been sent)."""
         self.run(self.outbox.close())
         self.outbox = self.run(self.open())  # open runs recovery and quick_check
         assert self.run(self.outbox.check()) == []
         for key in self.claimed:
-            self.deliveries[key] = self.deliveries[key].owed_again()
+            self.deliveries[key] = self.deliveries[key].recovered()
         self.claimed.clear()
         self.read_all = True
 

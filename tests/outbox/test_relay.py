@@ -147,6 +147,24 @@ async def test_a_retry_after_outlives_a_relay_restart(store: Outbox, cloud, runn
     assert len(cloud.effects) == 3
 
 
+async def test_an_operator_recheck_does_not_cut_a_retry_after_short(
+        store: Outbox, cloud, running):
+    """GIVEN a 429 with Retry-After 2 s WHEN an operator's retry re-checks the sink right
+    after it (``tillsync outbox retry`` does, to wake paused sinks) THEN still nothing is
+    sent before the deadline; then everything is delivered."""
+    cloud.faults.append(Fault.status(429, retry_after="2"))
+    for terminal in ("T01", "T02"):
+        await store.append(sale(terminal, 1))
+    relay = await running.start(store, cloud.url, policy=SinkPolicy(concurrency=1))
+    await until(lambda: relay.state is SinkState.BACKING_OFF, 5)
+    answered_at = cloud.requests[0].at
+    await relay.recheck()
+    await drained(store)
+    later = [r.at for r in cloud.requests[1:]]
+    assert later and min(later) >= answered_at + 2 - 0.05, (answered_at, later)
+    assert cloud.retry_after_violations == [] and len(cloud.effects) == 2
+
+
 async def test_the_last_success_outlives_a_relay_restart(store: Outbox, cloud, running):
     """GIVEN a relay that delivered a sale WHEN a new relay starts on the same store (an
     agent restart) and the sink is now unreachable THEN the new relay still reports when
@@ -165,6 +183,41 @@ async def test_the_last_success_outlives_a_relay_restart(store: Outbox, cloud, r
     second = await running.start(store, dead_url)
     await until(lambda: second.state is not SinkState.ONLINE, 5)
     assert second.status().last_success_at == pytest.approx(delivered_at, abs=0.05)
+
+
+async def test_a_credential_in_the_sink_url_stays_out_of_logs_and_status(
+        store: Outbox, running, caplog):
+    """GIVEN a sink URL carrying its API key in the query, and a sink whose listen queue is
+    full, so connecting times out (aiohttp then quotes the URL in its error) WHEN the relay
+    fails to reach it THEN neither the log nor the sink's last_error holds the key."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)  # never accepted: once the queue is full, SYNs go unanswered
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    caplog.set_level(logging.DEBUG)
+    try:
+        await store.append(sale("T01", 1))
+        relay = await running.start(store, f"http://127.0.0.1:{port}/events?api_key=S3CR3T",
+                                    timeout_s=0.6)
+        await until(lambda: relay.status().last_error is not None, 10)
+        error = relay.status().last_error
+        assert error is not None and "timeout" in error.lower(), error
+        assert f"127.0.0.1:{port}/events" in error  # still says where
+        assert "S3CR3T" not in error and "S3CR3T" not in caplog.text
+        [info] = await store.list_deliveries()  # the stored reason too
+        assert info.last_error is not None and "S3CR3T" not in info.last_error
+    finally:
+        for sock in (server, *fillers):
+            sock.close()
 
 
 async def test_response_lost_after_commit_is_resent_with_same_key_and_body(
@@ -206,6 +259,36 @@ async def test_an_in_doubt_delivery_is_settled_by_lookup_without_resending(
     await drained(store)
     assert len([r for r in cloud.requests if r.method == "POST"]) == 1
     assert [r.outcome for r in cloud.requests if r.method == "GET"] == ["found"]
+
+
+async def test_a_request_cut_off_by_a_stop_is_in_doubt_and_looked_up_before_any_resend(
+        store: Outbox, cloud):
+    """GIVEN a sale whose POST is on the wire, the cloud slow to answer WHEN the relay is
+    stopped before the answer (an agent stop or restart) THEN the delivery is recorded in
+    doubt, not plain pending; the next relay asks the sink's lookup first, finds the sale
+    applied, and never POSTs it again; the lookup counts as a delivered attempt."""
+    cloud.faults.append(Fault.slow(1.0))
+    [appended] = await store.append_many([sale("T01", 1)])
+    first = Relay(store, WebhookSink("cloud", WebhookSettings(url=cloud.url), FAST))
+    await first.start()
+    await until(lambda: any(r.method == "POST" for r in cloud.requests), 5)
+    await first.stop(grace_s=0.1)  # the answer is a second away: cut off
+    [info] = await store.list_deliveries()
+    assert info.state is DeliveryState.IN_DOUBT and info.attempts == 1
+    await cloud.wait_for_effects(1, timeout_s=5)  # the cloud did apply it
+    attempts: list[tuple[str, str]] = []
+    lookup = cloud.base_url + "/events/{idempotency_key}"
+    second = Relay(store, WebhookSink("cloud", WebhookSettings(url=cloud.url,
+                                                               lookup_url=lookup), FAST),
+                   on_attempt=lambda sink, action, _s: attempts.append((sink, action)))
+    await second.start()
+    try:
+        await drained(store)
+    finally:
+        await second.stop(grace_s=1)
+    assert [r.method for r in cloud.requests] == ["POST", "GET"]
+    assert len(cloud.effects) == 1 and appended.event_id == info.event_id
+    assert attempts == [("cloud", "delivered")]
 
 
 async def test_delivery_resumes_within_15_s_after_the_port_reopens_with_defaults(
@@ -331,6 +414,7 @@ async def test_an_expired_event_is_dead_lettered_and_never_sent(store: Outbox, c
 
 async def test_graceful_stop_finishes_short_attempts_and_returns_long_ones(
         open_store: OpenStore, cloud):
+    """The long one was on the wire when the grace ran out: it comes back in doubt."""
     store = await open_store(clock=time.time)
     cloud.faults.extend([Fault.slow(0.3), Fault.slow(5)])
     await store.append(sale("T01", 1))
@@ -341,7 +425,7 @@ async def test_graceful_stop_finishes_short_attempts_and_returns_long_ones(
     await until(lambda: relay.status().in_flight == 2, 3)
     await relay.stop(grace_s=1.0)
     states = {d.event_id: d.state for d in await store.list_deliveries()}
-    assert states == {1: DeliveryState.DELIVERED, 2: DeliveryState.PENDING}
+    assert states == {1: DeliveryState.DELIVERED, 2: DeliveryState.IN_DOUBT}
 
 
 async def test_state_transitions_are_logged_once_and_recovery_once(
