@@ -17,7 +17,9 @@ EUR on 2026-01-01), CUC, HRK (Croatia adopted EUR in 2023), SLL (redenominated a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 # code -> minor unit (decimals allowed in an amount), in the list's alphabetical order.
 _TABLE: dict[str, int] = {
@@ -51,3 +53,9 @@ MINOR_UNITS = MappingProxyType(_TABLE)
 def minor_units(code: str) -> int | None:
     """Return how many decimals amounts in ``code`` may have, or None for an unknown code."""
     return _TABLE.get(code)
+
+
+def currency_decimals(txn: Mapping[str, Any]) -> int:
+    """Decimals of a transaction's currency, for showing its amounts (2 if unknown)."""
+    decimals = minor_units(str(txn.get("currency", "")))
+    return 2 if decimals is None else decimals

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from agent.currencies import currency_decimals
 from drivers.escpos.commands import CODE_PAGES
 
 PAPER_DOTS: dict[int, int] = {58: 384, 80: 576}
@@ -455,7 +456,8 @@ def render_receipt_png(
 
     if width_mm not in PAPER_DOTS:
         raise PreviewError(f"paper width must be 58 or 80 mm, not {width_mm}")
-    data = render_receipt(txn, width_mm=width_mm, store_name=store_name)
+    data = render_receipt(txn, width_mm=width_mm, store_name=store_name,
+                          decimals=currency_decimals(txn))
     image = render_image(data, width_mm=width_mm)
     image.save(out, format="PNG")
     return image

@@ -61,6 +61,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidat
 
 from agent import canonical
 from agent.canonical import CARD_MESSAGE, Identifier, InvalidEvent, Problem
+from agent.currencies import currency_decimals
 from agent.errors import RequestError
 from drivers.base import DeviceError, DeviceRefused, DeviceState, DeviceUnavailable
 from drivers.escpos.commands import Encoder
@@ -481,7 +482,8 @@ def print_event(request: PrintRequest, *, store_id: str, terminal_id: str, print
     else:
         txn = transaction if transaction is not None else request.transaction
         assert txn is not None
-        data = render_receipt(txn, width_mm=printer.width_mm, store_name=store_name)
+        data = render_receipt(txn, width_mm=printer.width_mm, store_name=store_name,
+                              decimals=currency_decimals(txn))
         source = {"type": "transaction", "transaction_id": str(txn["transaction_id"]),
                   "terminal_id": str(txn["terminal_id"])}
     payload = job_payload(store_id, printer=printer.name, terminal_id=terminal_id,

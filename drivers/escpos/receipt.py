@@ -34,9 +34,14 @@ def _pair(left: str, right: str, width: int) -> str:
     return left + " " * (width - len(left) - len(right)) + right
 
 
+def _plain(value: Decimal) -> str:
+    # normalize() alone turns 10 into "1E+1"; "f" keeps it positional.
+    return format(value.normalize(), "f")
+
+
 def _quantity(text: str) -> str:
     value = Decimal(text)
-    return str(value.normalize()) if value == value.to_integral() else text
+    return _plain(value) if value == value.to_integral() else text
 
 
 def render_receipt(
@@ -50,7 +55,11 @@ def render_receipt(
     codec: str = "cp858",
     qr: bool = True,
 ) -> bytes:
-    """Return the ESC/POS bytes of the receipt of ``txn``, ending with a cut."""
+    """Return the ESC/POS bytes of the receipt of ``txn``, ending with a cut.
+
+    ``decimals`` is the currency's (JPY 0, EUR 2, KWD 3): line and tax amounts are shown
+    with exactly that many, like the total the terminal sent.
+    """
     if width_mm not in COLUMNS:
         raise ValueError(f"width_mm must be 58 or 80, not {width_mm}")
     width = COLUMNS[width_mm]
@@ -110,7 +119,7 @@ def render_receipt(
             tax = gross * rate / (100 + rate)
             amounts = f"{_money(gross - tax, decimals):>7} {_money(tax, decimals):>7} "
             amounts += f"{_money(gross, decimals):>7}"
-            enc.text(_pair(f"{rate.normalize()}%", amounts, width))
+            enc.text(_pair(f"{_plain(rate)}%", amounts, width))
 
     enc.text("")
     enc.style(align="center")

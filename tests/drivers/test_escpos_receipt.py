@@ -82,3 +82,31 @@ def test_tax_summary_splits_gross_by_rate() -> None:
     text = render(80).decode("cp858", errors="replace")
     assert "19%" in text and "4.20    0.80    5.00" in text
     assert "7%" in text and "1.87    0.13    2.00" in text
+
+
+def _text(data: bytes) -> str:
+    return data.decode("cp858", errors="replace")
+
+
+def test_amounts_have_the_currency_s_decimals_and_round_numbers_print_plainly() -> None:
+    """JPY has no decimals and KWD three: line and tax amounts use exactly the currency's
+    (the total is printed as sent). A quantity or tax rate of 10 prints as "10", never in
+    Decimal's exponent form "1E+1"."""
+    yen = {**SALE, "currency": "JPY", "total": "1500",
+           "lines": [{"sku": "A", "description": "Tea", "quantity": "10",
+                      "unit_price": "150", "tax_rate": "10"}],
+           "tenders": [{"method": "cash", "amount": "1500"}]}
+    text = _text(render_receipt(yen, store_name="S", decimals=0))
+    assert "10 × 150 " in text and "1500" in text and "10%" in text
+    assert "150.00" not in text and "E+" not in text
+    assert "1364" in text and "136" in text  # net and tax of 1500 gross at 10 %
+
+    dinar = {**SALE, "currency": "KWD", "total": "3.240",
+             "lines": [{"sku": "A", "description": "Dates", "quantity": "1",
+                        "unit_price": "1.235", "tax_rate": "20"},
+                       {"sku": "B", "description": "Milk", "quantity": "1",
+                        "unit_price": "2.005", "tax_rate": "20"}],
+             "tenders": [{"method": "cash", "amount": "3.240"}]}
+    text = _text(render_receipt(dinar, store_name="S", decimals=3))
+    assert "1 × 1.235" in text and "1 × 2.005" in text and "20%" in text
+    assert "1.24 " not in text and "E+" not in text
