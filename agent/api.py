@@ -334,8 +334,14 @@ async def device_drawer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     terminal = request[TERMINAL]
     who = terminal.id if terminal is not None else "?"
+
+    def till_waiting() -> bool:
+        # The till hung up (its own timeout): a drawer opening now would surprise everyone.
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
     try:
-        await open_drawer(agent.devices, name)
+        await open_drawer(agent.devices, name, wanted=till_waiting)
     except DeviceRequestError as err:
         log.info("drawer of %s not opened for terminal %s: %s", name, who, err.message)
         raise _device_error(err) from None

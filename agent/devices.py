@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -92,12 +92,21 @@ def _driver_of(manager: DeviceManager, name: str, kind: str, code: str,
 
 
 async def open_drawer(manager: DeviceManager, name: str, *,
-                      timeout_s: float = DRAWER_TIMEOUT_S) -> None:
-    """Pulse the cash drawer of printer ``name`` now, or raise DeviceRequestError; no retry."""
+                      timeout_s: float = DRAWER_TIMEOUT_S,
+                      wanted: Callable[[], bool] = lambda: True) -> None:
+    """Pulse the cash drawer of printer ``name`` now, or raise DeviceRequestError; no retry.
+
+    The printer may be busy (printing a receipt holds it): ``wanted`` is asked once it is
+    free, and a request nobody waits for any more is dropped rather than opening late.
+    """
     _driver_of(manager, name, "printer", "device_not_a_printer", "kick_drawer")
     try:
         async with asyncio.timeout(timeout_s):
             async with manager.use(name) as driver:
+                if not wanted():
+                    raise DeviceRequestError(
+                        503, "device_unavailable", f"printer {name!r} was busy and the till"
+                        " stopped waiting; drawer not opened", _state_details(manager, name))
                 await driver.kick_drawer()  # type: ignore[attr-defined]
     except TimeoutError:
         manager.refresh(name)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jsonschema
 import pytest
 
@@ -73,8 +74,8 @@ async def device_up(agent: RunningAgent) -> dict[str, float]:
 
 
 async def drawer(agent: RunningAgent, name: str = "receipt",
-                 who: str = "T01") -> tuple[int, Any]:
-    return await agent.post(f"/v1/devices/{name}/drawer", {}, who=who)
+                 who: str = "T01", **kwargs: Any) -> tuple[int, Any]:
+    return await agent.post(f"/v1/devices/{name}/drawer", {}, who=who, **kwargs)
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -181,6 +182,28 @@ async def test_the_drawer_opens_even_before_the_first_status_check_finished(
     code, body = await drawer(agent)
     assert (code, body) == (200, {"status": "opened"})
     assert printer.pulses == [DrawerPulse(pin=2, on_ms=50, off_ms=240)]
+
+
+async def test_a_drawer_request_the_till_gave_up_on_while_a_receipt_printed_never_opens(
+        start_agent: StartAgent, printer: EscposPrinterEmulator):
+    """GIVEN the printer busy with a receipt (paper ran out mid-job, so the agent holds it
+    waiting for completion) WHEN a till asks for the drawer and gives up after 1 s, and the
+    receipt then finishes THEN no drawer pulse is sent: nobody is waiting for that drawer
+    any more. A request made while someone waits still opens it."""
+    agent = await start_agent(drivers=DRIVERS, extra=printer_entry(printer))
+    await until(state_is(agent, "connected"))
+    printer.run_out_on_next_print = True
+    code, body = await agent.post("/v1/print", {"printer": "receipt", "lines": ["busy"]})
+    assert code == 202, body
+    await until(lambda: b"busy" in printer.received, 5, what="the receipt's bytes")
+    with pytest.raises(TimeoutError):
+        await drawer(agent, timeout=aiohttp.ClientTimeout(total=1.0))
+    printer.paper_out = False  # the receipt completes; the printer is free again
+    await printer.wait_for_jobs(1)
+    await asyncio.sleep(0.5)
+    assert printer.pulses == []
+    assert await drawer(agent) == (200, {"status": "opened"})
+    assert len(printer.pulses) == 1
 
 
 async def test_a_drawer_request_to_an_unplugged_printer_is_503_and_never_opens_later(
