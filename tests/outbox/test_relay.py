@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -65,6 +66,29 @@ async def running() -> AsyncIterator[Running]:
     yield runner
     for relay in runner.relays:
         await relay.stop(grace_s=1)
+
+
+@contextlib.contextmanager
+def never_accepting_port() -> Iterator[int]:
+    """A port on 127.0.0.1 whose accept queue is full: connecting to it times out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # never accepted
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue so that further SYNs go unanswered
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    try:
+        yield port
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
 
 
 async def drained(store: Outbox, sink: str = "cloud", timeout_s: float = 10.0) -> None:
@@ -190,21 +214,8 @@ async def test_a_credential_in_the_sink_url_stays_out_of_logs_and_status(
     """GIVEN a sink URL carrying its API key in the query, and a sink whose listen queue is
     full, so connecting times out (aiohttp then quotes the URL in its error) WHEN the relay
     fails to reach it THEN neither the log nor the sink's last_error holds the key."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)  # never accepted: once the queue is full, SYNs go unanswered
-    port = server.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        try:
-            filler.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(filler)
     caplog.set_level(logging.DEBUG)
-    try:
+    with never_accepting_port() as port:
         await store.append(sale("T01", 1))
         relay = await running.start(store, f"http://127.0.0.1:{port}/events?api_key=S3CR3T",
                                     timeout_s=0.6)
@@ -215,9 +226,6 @@ async def test_a_credential_in_the_sink_url_stays_out_of_logs_and_status(
         assert "S3CR3T" not in error and "S3CR3T" not in caplog.text
         [info] = await store.list_deliveries()  # the stored reason too
         assert info.last_error is not None and "S3CR3T" not in info.last_error
-    finally:
-        for sock in (server, *fillers):
-            sock.close()
 
 
 async def test_response_lost_after_commit_is_resent_with_same_key_and_body(
@@ -471,32 +479,17 @@ async def test_a_host_that_never_accepts_is_unreachable_not_in_doubt_with_a_shor
     with nothing sent (the sink goes offline), not a timeout that may have been applied.
 
     Before the fix the connect and total timeouts were equal and the total one won."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(4):  # fill the accept queue so that further SYNs go unanswered
-        filler = socket.socket()
-        filler.setblocking(False)
+    with never_accepting_port() as port:
+        sink = WebhookSink("cloud", WebhookSettings(url=f"http://127.0.0.1:{port}/events",
+                                                    timeout_s=1.0), FAST)
+        await sink.start()
         try:
-            filler.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(filler)
-    sink = WebhookSink("cloud", WebhookSettings(url=f"http://127.0.0.1:{port}/events",
-                                                timeout_s=1.0), FAST)
-    await sink.start()
-    try:
-        delivery = Delivery(event_id=1, sink="cloud", stream="T01", kind="transaction",
-                            idempotency_key="key-1", payload=b"{}", attempts=0,
-                            in_doubt=False, created_at=time.time(), expires_at=None)
-        outcome = classify(await sink.deliver(delivery))
-    finally:
-        await sink.close()
-        for filler in fillers:
-            filler.close()
-        listener.close()
+            delivery = Delivery(event_id=1, sink="cloud", stream="T01", kind="transaction",
+                                idempotency_key="key-1", payload=b"{}", attempts=0,
+                                in_doubt=False, created_at=time.time(), expires_at=None)
+            outcome = classify(await sink.deliver(delivery))
+        finally:
+            await sink.close()
     assert outcome.unreachable and not outcome.in_doubt, outcome
 
 
