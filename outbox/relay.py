@@ -163,7 +163,11 @@ class Relay:
                          for i in range(self.policy.concurrency)]
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop claiming; give attempts ``grace_s`` to finish; the rest go back to pending."""
+        """Stop claiming; give attempts ``grace_s`` to finish, then cut the rest off.
+
+        Claims never attempted go back to pending; an attempt cut off on the wire is
+        recorded in doubt (for a sink that ``tracks_sends``, its own mark decides).
+        """
         self._stopping = True
         self._release_ready()
         for waiter in self._idle:
@@ -174,7 +178,7 @@ class Relay:
         if workers:
             _, late = await asyncio.wait(workers, timeout=grace_s)
             for task in late:
-                task.cancel()  # its delivery is given back (same key, same body next time)
+                task.cancel()  # see _work: in doubt or given back (same key and body)
             await asyncio.gather(*late, return_exceptions=True)
         self._closing = True
         self._kick()
