@@ -347,8 +347,11 @@ class Outbox:
         leaves it in doubt, and before it, plain pending. Raises ``OutboxError`` when it
         cannot be recorded (then it must not be sent).
         """
-        await self._call(lambda raw: self._tx.mark_sent(raw, delivery.event_id,
-                                                        delivery.sink), brief=True)
+        marked = await self._call(lambda raw: self._tx.mark_sent(raw, delivery.event_id,
+                                                                 delivery.sink), brief=True)
+        if not marked:  # put back meanwhile (a reopen after an I/O error): not ours to send
+            raise OutboxError(f"delivery of event {delivery.event_id} to {delivery.sink} is"
+                              " no longer claimed")
 
     async def sink_last_delivered(self, sink: str) -> float | None:
         """Return when ``sink`` last took a delivery (wall clock), even before a restart."""

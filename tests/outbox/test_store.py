@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from outbox import (
     Outbox,
     OutboxClosed,
     OutboxCorrupt,
+    OutboxError,
     OutboxFull,
     OutboxUnavailable,
     SchemaTooNew,
@@ -218,6 +220,8 @@ async def test_a_sink_that_marks_its_sends_is_believed_after_a_restart(open_stor
     sent, waiting = await store.claim("printer:receipt", 2)
     [posted] = await store.claim("cloud", 1)
     await store.mark_sent(sent)
+    with pytest.raises(OutboxError, match="no longer claimed"):  # not in flight: not sent
+        await store.mark_sent(replace(sent, event_id=waiting.event_id + 100))
     stats = (await store.stats()).sinks["printer:receipt"]
     assert (stats.pending, stats.in_doubt) == (1, 1)  # marked: counted in doubt at once
     await store.close()  # all three still in flight, as after a SIGKILL
