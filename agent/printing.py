@@ -32,7 +32,7 @@ mid-job keeps them and prints them when paper is loaded; a retry would print the
 twice. So an unconfirmed job is dead-lettered with a reason that says to look at the printer;
 ``POST /v1/outbox/{id}/retry`` prints it again on purpose. The same holds across a stop or a
 crash: the sink marks a job in doubt, durably, just before its first byte goes out
-(``Outbox.mark_sent``; the printer policy's ``tracks_sends``), so a job cut off after that
+(``Outbox.mark_sent``; ``tracks_sends`` below), so a job cut off after that
 is dead-lettered on restart, and one cut off before it (still waiting for the printer)
 prints then. One honest limit remains: bytes the printer holds in its own buffer print
 whenever it can, even after ``expires_in_s`` (the agent cannot take them back).
@@ -94,10 +94,8 @@ PRINT_TIMEOUT_S = 30.0
 ATTEMPT_SLACK_S = 30.0
 # Printers are near: retry soon (the cap bounds the wait after paper is loaded even when the
 # device's state change is missed), one job at a time so the order holds.
-# A job is marked in doubt, durably, just before its bytes go out (``tracks_sends``): so a
-# stop or crash before that gives it back to print, and one after it never prints it twice.
 PRINTER_POLICY = SinkPolicy(concurrency=1, backoff_base_s=0.25, backoff_cap_s=5.0,
-                            pause_recheck_s=5.0, tracks_sends=True)
+                            pause_recheck_s=5.0)
 NOT_REPRINTED = ("sent to the printer but its printing was not confirmed ({why}); not "
                  "reprinted automatically so that no receipt prints twice: look at the printer"
                  " and retry this event to print it again")
@@ -112,9 +110,13 @@ SOURCES = ("transaction_id", "transaction", "lines")
 
 
 def tracks_sends(sink: str) -> bool:
-    """Whether ``sink`` is a printer's, whose sends are marked (``PRINTER_POLICY``).
+    """Whether ``sink`` is a printer's, whose sink marks its sends.
 
-    The outbox is told at open, so that its crash recovery believes the marks.
+    :class:`PrinterSink` marks a job in doubt, durably, just before its first byte goes
+    out, so a stop or crash before that gives the job back to print, and one after it never
+    prints it twice.
+
+    The outbox is told at open; its crash recovery and the relay's stop believe the marks.
     """
     return sink.startswith(SINK_PREFIX)
 

@@ -121,6 +121,7 @@ class Relay:
         self._settled: list[Settlement] = []  # verdicts the next round records
         self._released: list[Delivery] = []  # claimed but not attempted: given back
         self._on_wire: set[int] = set()  # event ids whose request may be on the wire
+        self._marks_sends = store.tracks_sends(sink.name)  # then its own mark decides
         self._recording = 0  # settlements in the round being committed
         self._due: float | None = None  # the store's next due time after the last round
         self._idle: deque[asyncio.Future[None]] = deque()  # senders waiting for work
@@ -356,7 +357,7 @@ class Relay:
                 # Stopped mid-attempt. A request that may be on the wire may also have taken
                 # effect: in doubt (a lookup settles it, or a resend with the same key and
                 # body). One not yet sent is just given back.
-                if delivery.event_id in self._on_wire and not self.policy.tracks_sends:
+                if delivery.event_id in self._on_wire and not self._marks_sends:
                     self._settled.append(Settlement(
                         delivery.event_id, self.name, Verdict.IN_DOUBT,
                         next_attempt_at=self._clock(), error=STOPPED_MID_ATTEMPT))

@@ -55,7 +55,7 @@ from outbox.models import (
     Settlement,
 )
 from outbox.reserve import DiskReserve
-from outbox.transactions import PURGE_SLICE, BatchResult, Transactions, Work
+from outbox.transactions import PURGE_SLICE, BatchResult, Transactions, Work, tracks_nothing
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Outbox:
     def __init__(self, path: Path, keyring: KeyRing, conn: Conn, *, durability: Durability,
                  capacity_bytes: int | None, max_db_bytes: int | None, clock: Clock,
                  disk_reserve_bytes: int = 0,
-                 tracks_sends: Callable[[str], bool] = lambda sink: False) -> None:
+                 tracks_sends: Callable[[str], bool] = tracks_nothing) -> None:
         self.path = path
         self.durability: Durability = durability
         self.capacity_bytes = capacity_bytes
@@ -121,7 +121,7 @@ class Outbox:
                    durability: Durability = "full", capacity_bytes: int | None = None,
                    max_db_bytes: int | None = None, create_key: bool = False,
                    disk_reserve_bytes: int = 0, clock: Clock = time.time,
-                   tracks_sends: Callable[[str], bool] = lambda sink: False) -> Outbox:
+                   tracks_sends: Callable[[str], bool] = tracks_nothing) -> Outbox:
         """Open (or create) the outbox at ``path`` with the master key in ``key_file``.
 
         A missing key is created only when ``create_key`` is set *and* no database exists:
@@ -340,10 +340,14 @@ class Outbox:
                                                brief=True)
         return until
 
+    def tracks_sends(self, sink: str) -> bool:
+        """Whether ``sink`` marks its sends (``mark_sent``), as the store was opened with."""
+        return self._tx.tracks_sends(sink)
+
     async def mark_sent(self, delivery: Delivery) -> None:
         """Durably mark a claimed delivery in doubt before the sink lets it out.
 
-        For sinks with ``SinkPolicy.tracks_sends``: from the commit on, a crash or stop
+        For sinks the store was opened with in ``tracks_sends``: from the commit on, a crash or stop
         leaves it in doubt, and before it, plain pending. Raises ``OutboxError`` when it
         cannot be recorded (then it must not be sent).
         """

@@ -59,6 +59,11 @@ DELIVERED_PREFIX = "last_delivered_at:"
 log = logging.getLogger("outbox.store")
 
 Clock = Callable[[], float]
+
+
+def tracks_nothing(sink: str) -> bool:
+    """Say no sink marks its sends: the default; every interrupted claim is in doubt."""
+    return False
 ACTIVE = schema.ACTIVE
 PARKED = schema.PARKED
 # Purge and reclaim work in slices so they never hold the writer for long.
@@ -121,9 +126,13 @@ class Transactions:
     """Transaction bodies plus the ledger they keep in memory between commits."""
 
     def __init__(self, keyring: KeyRing, clock: Clock, capacity_bytes: int | None,
-                 tracks_sends: Callable[[str], bool] = lambda sink: False) -> None:
+                 tracks_sends: Callable[[str], bool] = tracks_nothing) -> None:
         self.keyring = keyring
-        self.tracks_sends = tracks_sends  # sinks that mark their sends (SinkPolicy)
+        # Sinks that mark a delivery in doubt themselves (``mark_sent``) just before it can
+        # reach the far side, so a claim they did not mark was certainly not sent. Worth a
+        # commit per attempt only where a second attempt is costly and cannot be looked up
+        # (a receipt printer).
+        self.tracks_sends = tracks_sends
         self.clock = clock
         self.capacity_bytes = capacity_bytes
         self.next_id = 1

@@ -28,11 +28,6 @@ class SinkPolicy:
     max_retry_after_s: float = DEFAULT_MAX_RETRY_AFTER_S
     pause_recheck_s: float = DEFAULT_PAUSE_RECHECK_S
     on_conflict: OnConflict = "retry"
-    # The sink marks a delivery in doubt itself (``Outbox.mark_sent``) just before anything
-    # can reach the far side, so a claim it did not mark was certainly not sent: a stop or
-    # crash gives that one back as plain pending. Worth a commit per attempt only where a
-    # second attempt is costly and cannot be looked up (a receipt printer).
-    tracks_sends: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
